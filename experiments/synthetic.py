@@ -1,0 +1,31 @@
+"""Synthetic token stream: the train loop's smoke test and the throughput experiment.
+
+  python -m llm.train --config=experiments/synthetic.py --workdir=/tmp/synthetic
+  python -m llm.train --config=experiments/synthetic.py:gpt2_124m --workdir=... \
+      --config.total_steps=20
+
+ARG names a preset from experiments/presets.py (default: a ~10M-parameter
+Llama-style model that trains on a laptop CPU).
+"""
+
+from experiments import base, presets
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  c.data.dataset = 'synthetic'
+  c.total_steps = 200
+  c.batch_size = 8
+  c.seq_len = 128
+  c.log_every = 10
+  c.eval_every = 100
+  c.eval_steps = 2
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 20
+  if arg:
+    c.model = base.model_config(**presets.get(arg))
+  else:
+    c.model = base.model_config(
+      vocab_size=512, num_layers=4, d_model=256, num_heads=8, num_kv_heads=4, d_ff=768
+    )
+  return c

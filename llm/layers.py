@@ -1,0 +1,237 @@
+"""Transformer building blocks, shared by every model family.
+
+Dims legend as in `llm/model.py`. Parameters are created in `param_dtype`
+(float32) and cast to the compute `dtype` at use, so the optimizer always sees
+full-precision weights. Every parameter and main activation carries logical axis
+names; `llm/sharding.py` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm import attention as attention_lib
+
+if TYPE_CHECKING:
+  from llm.model import ModelConfig
+
+Array = jax.Array
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+  """Pins an activation's sharding by logical names; a no-op without a mesh."""
+  return nn.with_logical_constraint(x, axes)
+
+
+BTD = ('act_batch', 'act_length', 'act_embed')
+
+
+class Norm(nn.Module):
+  """LayerNorm (GPT) or RMSNorm (Llama), always computed in float32."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    D = x_BTD.shape[-1]
+    x = x_BTD.astype(jnp.float32)
+    scale_D = _param(self, 'scale', (D,), ('norm',), nn.initializers.ones, cfg)
+    if cfg.norm == 'rmsnorm':
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+      return (x * scale_D).astype(cfg.dtype)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    bias_D = _param(self, 'bias', (D,), ('norm',), nn.initializers.zeros, cfg)
+    return (x * scale_D + bias_D).astype(cfg.dtype)
+
+
+def rope_inv_freq(
+  H: int,
+  theta: float,
+  scaling: str = 'none',
+  factor: float = 1.0,
+  low_freq_factor: float = 1.0,
+  high_freq_factor: float = 4.0,
+  original_max_seq_len: int = 8192,
+) -> Array:
+  """Inverse frequencies [H // 2], optionally scaled for long context.
+
+  The scalings are Hugging Face's `rope_type`s of the same names, computed the
+  same way (float32), so imported Llama 3.1+ checkpoints match: 'linear' divides
+  every frequency by `factor`; 'llama3' divides those whose wavelength exceeds
+  original_max_seq_len / low_freq_factor, keeps those shorter than
+  original_max_seq_len / high_freq_factor, and blends linearly in between.
+  """
+  inv_freq_h = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  if scaling == 'linear':
+    return inv_freq_h / factor
+  if scaling == 'llama3':
+    wavelen_h = 2 * math.pi / inv_freq_h
+    smooth_h = (original_max_seq_len / wavelen_h - low_freq_factor) / (
+      high_freq_factor - low_freq_factor
+    )
+    smoothed_h = (1 - smooth_h) * inv_freq_h / factor + smooth_h * inv_freq_h
+    inv_freq_h = jnp.where(
+      wavelen_h > original_max_seq_len / low_freq_factor,
+      inv_freq_h / factor,
+      jnp.where(wavelen_h < original_max_seq_len / high_freq_factor, inv_freq_h, smoothed_h),
+    )
+  return inv_freq_h
+
+
+def rope_scaling_args(cfg: ModelConfig) -> dict:
+  """The `rope_inv_freq` scaling arguments of a config."""
+  return dict(
+    scaling=cfg.rope_scaling,
+    factor=cfg.rope_scaling_factor,
+    low_freq_factor=cfg.rope_low_freq_factor,
+    high_freq_factor=cfg.rope_high_freq_factor,
+    original_max_seq_len=cfg.rope_original_max_seq_len,
+  )
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, theta: float, **scaling) -> Array:
+  """Rotary embedding in the rotate-half layout (first/second half pairs).
+
+  This is the layout of Hugging Face's Llama, so imported q/k kernels need no
+  permutation. Angles are computed in float32: bfloat16 positions lose
+  precision past a few hundred tokens. `scaling`: keyword arguments of
+  `rope_inv_freq` (none: plain RoPE).
+  """
+  H = x_BTNH.shape[-1]
+  inv_freq_h = rope_inv_freq(H, theta, **scaling)
+  angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
+  sin_BT1h = jnp.sin(angles_BTh)[:, :, None, :]
+  cos_BT1h = jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped-query heads (K kv heads, K divides N)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+    cfg = self.cfg
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    w_q_DNH = _param(self, 'q', (D, N, H), ('embed', 'heads', 'head_dim'), init, cfg)
+    w_k_DKH = _param(self, 'k', (D, K, H), ('embed', 'kv_heads', 'head_dim'), init, cfg)
+    w_v_DKH = _param(self, 'v', (D, K, H), ('embed', 'kv_heads', 'head_dim'), init, cfg)
+    w_o_NHD = _param(self, 'o', (N, H, D), ('heads', 'head_dim', 'embed'), out_init, cfg)
+    dt = cfg.dtype
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, w_q_DNH.astype(dt))
+    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, w_k_DKH.astype(dt))
+    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, w_v_DKH.astype(dt))
+    if cfg.use_bias:
+      zeros = nn.initializers.zeros
+      q_BTNH += _param(self, 'q_bias', (N, H), ('heads', 'head_dim'), zeros, cfg).astype(dt)
+      k_BTKH += _param(self, 'k_bias', (K, H), ('kv_heads', 'head_dim'), zeros, cfg).astype(dt)
+      v_BTKH += _param(self, 'v_bias', (K, H), ('kv_heads', 'head_dim'), zeros, cfg).astype(dt)
+    if cfg.position == 'rope':
+      rope = rope_scaling_args(cfg)
+      q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, **rope)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, **rope)
+    q_BTNH = constrain(q_BTNH, ('act_batch', 'act_length', 'act_heads', None))
+    k_BTKH = constrain(k_BTKH, ('act_batch', 'act_length', 'act_kv_heads', None))
+    v_BTKH = constrain(v_BTKH, ('act_batch', 'act_length', 'act_kv_heads', None))
+
+    mask = attention_lib.make_mask(
+      positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, causal=cfg.causal
+    )
+    out_BTNH = attention_lib.dot_product_attention(
+      q_BTNH, k_BTKH, v_BTKH, mask, implementation=cfg.attention_impl
+    )
+    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, w_o_NHD.astype(dt))
+    if cfg.use_bias:
+      out_BTD += _param(self, 'o_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
+    return constrain(out_BTD, BTD)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT) or SwiGLU (Llama)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    D, F, dt = cfg.d_model, cfg.d_ff, cfg.dtype
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    w_in_DF = _param(self, 'wi', (D, F), ('embed', 'mlp'), init, cfg)
+    h_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_in_DF.astype(dt))
+    if cfg.use_bias:
+      h_BTF += _param(self, 'wi_bias', (F,), ('mlp',), nn.initializers.zeros, cfg).astype(dt)
+    if cfg.mlp == 'swiglu':
+      w_gate_DF = _param(self, 'wg', (D, F), ('embed', 'mlp'), init, cfg)
+      gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_gate_DF.astype(dt))
+      h_BTF = nn.silu(gate_BTF) * h_BTF
+    else:
+      # GPT-2 uses the tanh approximation of GELU.
+      h_BTF = nn.gelu(h_BTF, approximate=True)
+    h_BTF = constrain(h_BTF, ('act_batch', 'act_length', 'act_mlp'))
+    w_out_FD = _param(self, 'wo', (F, D), ('mlp', 'embed'), out_init, cfg)
+    out_BTD = jnp.einsum('BTF,FD->BTD', h_BTF, w_out_FD.astype(dt))
+    if cfg.use_bias:
+      out_BTD += _param(self, 'wo_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
+    return constrain(out_BTD, BTD)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  The signature `(carry, *broadcast) -> (carry, None)` is what `nn.scan` wants,
+  so the same class serves the scanned and the unrolled stack.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None):
+    x_BTD = constrain(x_BTD, BTD)
+    h_BTD = Norm(self.cfg, name='attn_norm')(x_BTD)
+    x_BTD = x_BTD + Attention(self.cfg, name='attn')(h_BTD, positions_BT, segment_ids_BT)
+    h_BTD = Norm(self.cfg, name='mlp_norm')(x_BTD)
+    x_BTD = x_BTD + Mlp(self.cfg, name='mlp')(h_BTD)
+    return constrain(x_BTD, BTD), None
+
+
+REMAT_POLICIES = {
+  # Save nothing: recompute the whole block in the backward pass. Least memory.
+  'full': None,
+  # Save every matmul output; recompute only elementwise ops. Most memory of the remat options.
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  # Save weight matmul outputs (no batch dims in the contraction) but recompute
+  # attention scores, whose size grows with T^2.
+  'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_class(cfg: ModelConfig) -> type[nn.Module]:
+  """`Block`, wrapped in `nn.remat` per `cfg.remat` ('none' leaves it alone)."""
+  if cfg.remat == 'none':
+    return Block
+  return nn.remat(
+    Block,
+    policy=REMAT_POLICIES[cfg.remat],
+    # Under scan the loop boundary already stops XLA from merging recomputation
+    # with the forward pass; outside it, prevent_cse keeps remat effective.
+    prevent_cse=not cfg.scan_layers,
+    static_argnums=(),
+  )

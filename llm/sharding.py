@@ -1,0 +1,205 @@
+"""The device mesh, the logical-axis rules, and sharding helpers.
+
+This is the only module that names mesh axes. Everything else speaks in
+logical axes: parameters (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
+`vocab`, `layers`, `norm`) and activations (`act_batch`, `act_length`,
+`act_embed`, `act_heads`, `act_kv_heads`, `act_mlp`, `act_vocab`).
+
+Mesh axes:
+  data    pure data parallelism: parameters replicated, batch split.
+  fsdp    data parallelism whose parameters and optimizer state are split too
+          (ZeRO-3): the batch is split over data x fsdp, weights over fsdp and
+          gathered per layer inside the step.
+  tensor  Megatron-style tensor parallelism: heads, MLP hidden and vocab split.
+
+Each axis has an ICI size (within a slice) and a DCN size (across slices); the
+mesh axis is their product. Put `data` on DCN: it only all-reduces gradients
+once per step, while fsdp and tensor communicate every layer.
+"""
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+RULES = (
+  # Activations.
+  ('act_batch', BATCH_AXES),
+  ('act_length', None),
+  ('act_embed', None),
+  ('act_heads', 'tensor'),
+  ('act_kv_heads', 'tensor'),
+  ('act_mlp', 'tensor'),
+  ('act_vocab', 'tensor'),
+  # Parameters.
+  ('embed', 'fsdp'),
+  ('vocab', 'tensor'),
+  ('heads', 'tensor'),
+  ('kv_heads', 'tensor'),
+  ('mlp', 'tensor'),
+  ('head_dim', None),
+  ('layers', None),
+  ('norm', None),
+)
+
+# Which config field sets the size of a logical axis, for error messages.
+_AXIS_FIELDS = {
+  'heads': 'model.num_heads',
+  'kv_heads': 'model.num_kv_heads',
+  'mlp': 'model.d_ff',
+  'embed': 'model.d_model',
+  'vocab': 'model.vocab_size',
+}
+
+
+def _resolve(sizes: dict[str, int], total: int, kind: str) -> dict[str, int]:
+  """Replaces a single -1 by what is left of `total`; checks the product."""
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f'Only one {kind} mesh axis may be -1, got {sizes}.')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ValueError(f'{kind} mesh sizes must be positive or -1, got {sizes}.')
+  if free:
+    if total % fixed:
+      raise ValueError(
+        f'The {kind} mesh {_fmt(sizes)} cannot fill {total} devices: '
+        f'{fixed} does not divide {total}.'
+      )
+    sizes = dict(sizes, **{free[0]: total // fixed})
+  if math.prod(sizes.values()) != total:
+    raise ValueError(
+      f'The {kind} mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices, '
+      f'but there are {total}; make the product {total} or set one axis to -1.'
+    )
+  return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+  return ' x '.join(f'{a}={s}' for a, s in sizes.items())
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh over `devices` (default: all) from `mesh_cfg.{data,fsdp,tensor}` and `dcn_*`."""
+  devices = list(jax.devices() if devices is None else devices)
+  dcn = {a: int(mesh_cfg.get(f'dcn_{a}', 1)) for a in MESH_AXES}
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  dcn = _resolve(dcn, num_slices, 'DCN')
+  ici = _resolve({a: int(mesh_cfg[a]) for a in MESH_AXES}, len(devices) // num_slices, 'ICI')
+  ici_shape, dcn_shape = list(ici.values()), list(dcn.values())
+  if num_slices > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+  elif devices[0].platform == 'cpu':
+    grid = np.array(devices).reshape(ici_shape)
+  else:
+    grid = mesh_utils.create_device_mesh(ici_shape, devices)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_shardings(boxed_tree, mesh: Mesh):
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from eval_shape).
+
+  Leaves without logical names (scalars such as the step) are replicated.
+  """
+  check_divisible(boxed_tree, mesh)
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def like_params(tree, abstract_params, param_shardings, mesh: Mesh):
+  """Shardings for a tree holding parameter-shaped subtrees, such as optimizer state.
+
+  A leaf whose path ends in a parameter's path, with that parameter's shape
+  (Adam's moments), is sharded like the parameter; everything else (step
+  counts) is replicated. This keeps FSDP's memory saving for optimizer state.
+  """
+  by_path = {
+    _dict_keys(path): (leaf.shape, sharding)
+    for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_params),
+      jax.tree.leaves(param_shardings),
+      strict=True,
+    )
+  }
+
+  def pick(path, leaf):
+    shape, sharding = by_path.get(_dict_keys(path), (None, None))
+    return sharding if shape == getattr(leaf, 'shape', ()) else replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _dict_keys(path) -> tuple:
+  """The trailing run of dict keys of a tree path: a parameter's name inside any wrapper."""
+  keys = []
+  for k in reversed(path):
+    if not isinstance(k, jax.tree_util.DictKey):
+      break
+    keys.append(k.key)
+  return tuple(reversed(keys))
+
+
+def check_divisible(boxed_tree, mesh: Mesh) -> None:
+  """Raises one clear sentence for a dimension its mesh axes do not divide.
+
+  Model-config sizes (heads before kv heads, then MLP, width, vocab) are
+  reported before other parameters, so the message names the field to change.
+  """
+  rules = dict(RULES)
+  problems = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+    boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  ):
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      continue
+    for dim, name in zip(leaf.value.shape, leaf.names, strict=True):
+      axes = rules.get(name)
+      axes = (axes,) if isinstance(axes, str) else axes or ()
+      size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size:
+        where = _AXIS_FIELDS.get(name, f'dimension {name!r} of {jax.tree_util.keystr(path)}')
+        rank = list(_AXIS_FIELDS).index(name) if name in _AXIS_FIELDS else len(_AXIS_FIELDS)
+        problems.append((rank, where, dim, {a: mesh.shape[a] for a in axes}, size))
+  if problems:
+    _, where, dim, axes, size = min(problems, key=lambda p: p[0])
+    raise ValueError(
+      f'{where}={dim} is not divisible by mesh {_fmt(axes)}; '
+      f'choose a size that is a multiple of {size} or change the mesh.'
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows split over data x fsdp, sequence replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many ways a batch's rows are split."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+  """This host's rows -> global arrays sharded like `batch_sharding`.
+
+  Each host passes only the rows it read; no host ever holds the global batch.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+@contextlib.contextmanager
+def rules_context(mesh: Mesh):
+  """Context in which `nn.with_logical_constraint` in the model takes effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield

@@ -74,6 +74,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.eval_every = 200
   c.eval_steps = 10
   c.checkpoint_every = 500
+  c.keep_checkpoints = 3  # Newest checkpoints kept; 0 keeps all.
+  c.keep_period = 0  # Also keep every keep_period-th step forever; 0: none.
+  c.async_checkpointing = True
   c.z_loss = 0.0
   # Peak FLOP/s per device for MFU; 0 looks the device up (accelerators) or
   # measures a matmul on the host (CPU).

@@ -105,12 +105,13 @@ class Writer:
   Only process 0 writes, so multi-host runs produce one set of files.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     self._workdir = workdir
     self._tb = None
     if self._active:
       os.makedirs(workdir, exist_ok=True)
+      _drop_rows_after(workdir, resume_step)
       from tensorboardX import SummaryWriter  # TensorFlow-free event writer.
 
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -129,6 +130,19 @@ class Writer:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(workdir: str, step: int) -> None:
+  """Forgets rows logged after the checkpoint a run resumes from: they are redone."""
+  for name in ('metrics.jsonl', 'eval.jsonl'):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(rows)
+    os.replace(path + '.tmp', path)
 
 
 def _py(v):

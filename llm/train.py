@@ -14,6 +14,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -24,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from llm import checkpoint
 from llm import metrics as metrics_lib
 from llm import optim, sharding
 from llm.data import synthetic
@@ -176,15 +179,18 @@ def state_shardings(model: Transformer, tx, batch_shape, mesh, rng) -> State:
   }
 
 
-def init_state(model: Transformer, tx, batch_shape, mesh, rng, shardings: State) -> State:
-  """Initialises the state already sharded: no host ever holds all parameters."""
-
+def _init_fn(model: Transformer, tx, batch_shape):
   def init(rng):
     params = nn.unbox(model.init(rng, jnp.zeros(batch_shape, jnp.int32))['params'])
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
+  return init
+
+
+def init_state(model: Transformer, tx, batch_shape, mesh, rng, shardings: State) -> State:
+  """Initialises the state already sharded: no host ever holds all parameters."""
   with sharding.rules_context(mesh):
-    return jax.jit(init, out_shardings=shardings)(rng)
+    return jax.jit(_init_fn(model, tx, batch_shape), out_shardings=shardings)(rng)
 
 
 # ----------------------------------------------------------------------------
@@ -274,6 +280,27 @@ class Trainer:
     rng = jax.random.key(self.config.seed)
     return init_state(self.model, self.tx, batch_shape, self.mesh, rng, self.shardings)
 
+  def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> tuple[State, Iterator]:
+    """The newest complete checkpoint's state and data stream, or fresh ones.
+
+    The restore targets this trainer's shardings, so a checkpoint written on
+    any mesh continues on this one.
+    """
+    train_iter = make_iterator(self.config, 'train', model_cfg=self.model_cfg)
+    step = ckpt.latest_step()
+    if step is None:
+      return self.init_state(), train_iter
+    saved = ckpt.saved_config(step)
+    checkpoint.check_compatible(saved['model'], self.model_cfg, ckpt.directory / str(step))
+    batch_shape = (self.config.batch_size, self.config.seq_len)
+    target = jax.eval_shape(
+      _init_fn(self.model, self.tx, batch_shape), jax.random.key(self.config.seed)
+    )
+    state, data_state = ckpt.restore(step, target, self.shardings)
+    train_iter.set_state(data_state)
+    print(f'Resumed from step {step} of {ckpt.directory}.', flush=True)
+    return state, train_iter
+
   def step(self, state: State, host_batch: dict) -> tuple[State, dict]:
     with sharding.rules_context(self.mesh):
       return self.step_fn(state, sharding.global_batch(host_batch, self.mesh))
@@ -304,14 +331,64 @@ def _check_finite(rows: list[tuple[int, dict]]) -> None:
       )
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job may be retried and will resume.
+
+
+class Preempted(Exception):
+  """Raised after the state was saved on SIGTERM; the run resumes from that step."""
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM (what a preempted TPU VM gets) into a flag checked between steps.
+
+  With several hosts, they agree on the step through JAX's preemption sync
+  point (set up by `jax.distributed.initialize`), so all save the same step.
+  Signals after the first only log: the save in progress must finish.
+  """
+
+  def __init__(self):
+    self._set = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self._set:
+      print(f'Signal {signum} again: still saving, please wait.', flush=True)
+    self._set = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._set
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `config`, writing metrics into `workdir`; returns the last logged row."""
+  """Trains per `config`, resuming from `workdir`'s newest checkpoint; returns the last row.
+
+  Raises `Preempted` after saving when SIGTERM arrives.
+  """
   trainer = Trainer.create(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  writer = metrics_lib.Writer(workdir)
+  ckpt = checkpoint.Checkpointer(
+    workdir,
+    keep=config.keep_checkpoints,
+    keep_period=config.keep_period,
+    async_save=config.async_checkpointing,
+  )
+  state, train_iter = trainer.restore_or_init(ckpt)
+  start = int(state['step'])
+  writer = metrics_lib.Writer(workdir, resume_step=start)
   peak = config.peak_flops or metrics_lib.device_peak_flops(trainer.model_cfg.dtype)
   flops_per_step = (
     metrics_lib.train_flops_per_token(trainer.model_cfg, config.seq_len)
@@ -319,64 +396,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     * config.seq_len
   )
   tokens_per_step = config.batch_size * config.seq_len
-
-  state = trainer.init_state()
-  train_iter = make_iterator(config, 'train', model_cfg=trainer.model_cfg)
-  start = int(state['step'])
   total = config.total_steps
   print(
     f'Training {sum(x.size for x in jax.tree.leaves(state["params"])):,} parameters on mesh '
-    f'{dict(trainer.mesh.shape)} for {total} steps.',
+    f'{dict(trainer.mesh.shape)}, steps {start}..{total}.',
     flush=True,
   )
 
+  preemption = _PreemptionFlag()
   pending: list[tuple[int, dict]] = []
   last_row: dict = {}
   loop_start = last_time = time.perf_counter()
   last_step = start
-  for step in range(start, total):
-    state, m = trainer.step(state, next(train_iter))
-    pending.append((step + 1, m))
-    if step == start:
-      # The first step compiles; keep it out of the step time.
-      jax.block_until_ready(m)
-      last_time, last_step = time.perf_counter(), step + 1
-      first_step_time = last_time - loop_start
-      print(f'Compiled and ran the first step in {first_step_time:.1f}s.', flush=True)
-    done = step + 1 == total
-    if (step + 1) % config.log_every == 0 or done:
-      pending = jax.device_get(pending)
-      _check_finite(pending)
-      now = time.perf_counter()
-      steps = step + 1 - last_step
-      step_time = (now - last_time) / steps if steps else first_step_time
-      last_row = {
-        **{k: float(v) for k, v in pending[-1][1].items()},
-        'step_time': step_time,
-        'tokens_per_second': tokens_per_step / step_time,
-        'mfu': flops_per_step / step_time / (peak * jax.device_count()),
-      }
-      writer.write('metrics', step + 1, last_row)
-      print(
-        metrics_lib.progress_line(step + 1, total, last_row, now - loop_start, step + 1 - start),
-        flush=True,
-      )
-      pending, last_time, last_step = [], now, step + 1
-    if config.eval_every > 0 and ((step + 1) % config.eval_every == 0 or done):
-      eval_row = trainer.evaluate(state['params'])
-      writer.write('eval', step + 1, eval_row)
-      print(f'eval at step {step + 1}: ' + json.dumps(eval_row), flush=True)
-      last_time = time.perf_counter()  # Keep evaluation out of the step time.
-  writer.close()
+  try:
+    for step in range(start, total):
+      state, m = trainer.step(state, next(train_iter))
+      pending.append((step + 1, m))
+      if step == start:
+        # The first step compiles; keep it out of the step time.
+        jax.block_until_ready(m)
+        last_time, last_step = time.perf_counter(), step + 1
+        first_step_time = last_time - loop_start
+        print(f'Compiled and ran the first step in {first_step_time:.1f}s.', flush=True)
+      done = step + 1 == total
+      preempted = preemption.reached(step + 1)
+      if (step + 1) % config.log_every == 0 or done or preempted:
+        pending = jax.device_get(pending)
+        _check_finite(pending)
+        now = time.perf_counter()
+        steps = step + 1 - last_step
+        step_time = (now - last_time) / steps if steps else first_step_time
+        last_row = {
+          **{k: float(v) for k, v in pending[-1][1].items()},
+          'step_time': step_time,
+          'tokens_per_second': tokens_per_step / step_time,
+          'mfu': flops_per_step / step_time / (peak * jax.device_count()),
+        }
+        writer.write('metrics', step + 1, last_row)
+        print(
+          metrics_lib.progress_line(step + 1, total, last_row, now - loop_start, step + 1 - start),
+          flush=True,
+        )
+        pending, last_time, last_step = [], now, step + 1
+      if (step + 1) % config.checkpoint_every == 0 or done or preempted:
+        ckpt.save(step + 1, state, train_iter.get_state(), config)
+      if preempted:
+        ckpt.wait()
+        raise Preempted(f'Preempted: saved step {step + 1} in {ckpt.directory}; rerun to resume.')
+      if config.eval_every > 0 and ((step + 1) % config.eval_every == 0 or done):
+        eval_row = trainer.evaluate(state['params'])
+        writer.write('eval', step + 1, eval_row)
+        print(f'eval at step {step + 1}: ' + json.dumps(eval_row), flush=True)
+        last_time = time.perf_counter()  # Keep evaluation out of the step time.
+  finally:
+    preemption.restore()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return last_row
 
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
+
+  logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
 
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except Preempted as e:
+    print(e, flush=True)
+    raise SystemExit(PREEMPTED_EXIT_CODE) from None
   except (ValueError, FloatingPointError) as e:
     # Bad input is the user's to fix: one sentence, no traceback.
     raise SystemExit(f'{type(e).__name__}: {e}') from None

@@ -1,0 +1,226 @@
+"""Checkpoints: the full training state, the data iterator and the config, with orbax.
+
+Layout of a workdir (local or gs://):
+
+  DIR/checkpoints/<step>/state    params, opt_state, step (sharded arrays)
+  DIR/checkpoints/<step>/data     the input iterator's state (JSON)
+  DIR/checkpoints/<step>/config   the resolved experiment config (JSON)
+
+and of a params-only export (for generation, evaluation and conversion):
+
+  OUT/params               the params pytree (float32 or bfloat16)
+  OUT/model_config.json    the ModelConfig fields
+
+Saves are asynchronous: the arrays are copied off the accelerator, then
+written by a background thread while training continues. Orbax writes each
+step into a temporary directory and renames it when complete (on GCS a commit
+marker plays that role), so a crash mid-save leaves nothing that looks
+complete and resume falls back to the previous step.
+"""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+from llm.model import ModelConfig, abstract_params
+
+# ModelConfig fields that change the parameters' shapes or tree: a checkpoint
+# cannot be resumed with other values. (dtype, remat, attention_impl... may change.)
+SHAPE_FIELDS = (
+  'vocab_size',
+  'num_layers',
+  'd_model',
+  'num_heads',
+  'num_kv_heads',
+  'head_dim',
+  'd_ff',
+  'norm',
+  'mlp',
+  'position',
+  'use_bias',
+  'tie_embeddings',
+  'scan_layers',
+)
+
+
+def _abstract(tree, shardings=None):
+  """ShapeDtypeStructs (with target shardings) for orbax to restore into."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, keep_period: int = 0, async_save=True):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep or None,
+      keep_period=keep_period or None,
+      enable_async_checkpointing=async_save,
+      create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers={
+        'state': ocp.PyTreeCheckpointHandler(),
+        'data': ocp.JsonCheckpointHandler(),
+        'config': ocp.JsonCheckpointHandler(),
+      },
+    )
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (temporary, unfinished saves are ignored)."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, data_state, config) -> None:
+    """Starts an asynchronous save; returns once the arrays are off the devices."""
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data=ocp.args.JsonSave({'iterator': data_state}),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      ),
+      force=True,
+    )
+
+  def saved_config(self, step: int) -> dict:
+    return self._restore_items(step, config=ocp.args.JsonRestore())['config']
+
+  def restore(self, step: int, target_state, shardings):
+    """Restores (state, data_state) of `step` onto `shardings`, whatever mesh saved it."""
+    abstract = _abstract(target_state, shardings)
+    out = self._restore_items(
+      step,
+      state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+      ),
+      data=ocp.args.JsonRestore(),
+    )
+    return out['state'], out['data']['iterator']
+
+  def restore_params(self, step: int, abstract_params, shardings=None):
+    """Only the params of a training checkpoint; the optimizer state is never read."""
+    abstract = {'params': _abstract(abstract_params, shardings)}
+    out = self._restore_items(
+      step,
+      state=ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      ),
+    )
+    return out['state']['params']
+
+  def _restore_items(self, step: int, **items):
+    path = self.directory / str(step)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+      raise ValueError(
+        f'The checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); '
+        'delete it to resume from the previous one.'
+      ) from e
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_compatible(saved_model: dict, model_cfg: ModelConfig, path) -> None:
+  """Stops when the config's model shape differs from the checkpoint's."""
+  current = dataclasses.asdict(model_cfg)
+  saved = dataclasses.asdict(ModelConfig.from_dict(saved_model))
+  diffs = [f'{k}: {saved[k]!r} -> {current[k]!r}' for k in SHAPE_FIELDS if saved[k] != current[k]]
+  if diffs:
+    raise ValueError(
+      f'The model config differs from the checkpoint in {path} in {", ".join(diffs)}; '
+      "use the checkpoint's values or a new workdir."
+    )
+
+
+# ----------------------------------------------------------------------------
+# Params-only export.
+
+
+def save_params(directory: str, cfg: ModelConfig, params, dtype: str = 'float32') -> None:
+  """Writes params (cast to `dtype`) and the ModelConfig, for inference and fine-tuning."""
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / 'params', params, force=True)
+  if jax.process_index() == 0:
+    (directory / 'model_config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def load_params(path: str, *, shardings=None, dtype: str | None = None):
+  """(ModelConfig, params, config dict or None) from a workdir or a params export.
+
+  A workdir gives the params of its newest complete checkpoint; the optimizer
+  state is not read. `dtype` casts the params after loading.
+  """
+  path = epath.Path(path)
+  if (path / 'model_config.json').exists():
+    cfg = ModelConfig.from_dict(json.loads((path / 'model_config.json').read_text()))
+    config = None
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(path / 'params').item_metadata
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta.tree)
+      if shardings is not None:
+        target = _abstract(target, shardings)
+      params = ckptr.restore(path / 'params', target)
+  elif (path / 'checkpoints').exists():
+    ckpt = Checkpointer(str(path), async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f'{path} has no complete checkpoint under {path / "checkpoints"}.')
+    config = ckpt.saved_config(step)
+    cfg = ModelConfig.from_dict(config['model'])
+    params = ckpt.restore_params(step, nn.unbox(abstract_params(cfg)), shardings)
+    ckpt.close()
+  else:
+    raise ValueError(
+      f'{path} is neither a training workdir (no checkpoints/) nor a params export '
+      '(no model_config.json).'
+    )
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  return cfg, params, config
+
+
+def export_params(workdir: str, out: str, dtype: str = 'float32') -> None:
+  """Params of `workdir`'s newest checkpoint -> a params-only directory `out`."""
+  cfg, params, _ = load_params(workdir)
+  save_params(out, cfg, params, dtype)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+
+  FLAGS = flags.FLAGS
+  export_params(FLAGS.workdir, FLAGS.out, FLAGS.dtype)
+  print(f'Exported the params of {FLAGS.workdir} to {FLAGS.out} in {FLAGS.dtype}.')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint to export.')
+  flags.DEFINE_string('out', None, 'Directory for the params-only export.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the exported params.')
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)

@@ -1,0 +1,215 @@
+"""Checkpoints: exact resume after kill -9 or SIGTERM, crash mid-save, resharding, errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llm import checkpoint, train
+from llm.model import ModelConfig
+from tests.train_test import _batches, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TOTAL = 16
+
+# A tiny model on the synthetic stream, logged and checkpointed often.
+FLAGS = [
+  f'--config.total_steps={TOTAL}',
+  '--config.log_every=1',
+  '--config.checkpoint_every=3',
+  '--config.eval_every=0',
+  '--config.batch_size=8',
+  '--config.seq_len=32',
+  '--config.model.vocab_size=128',
+  '--config.model.num_layers=2',
+  '--config.model.d_model=64',
+  '--config.model.num_heads=4',
+  '--config.model.num_kv_heads=2',
+  '--config.model.d_ff=128',
+  '--config.optim.warmup_steps=2',
+]
+
+
+def _start(workdir, *extra):
+  cmd = [sys.executable, '-m', 'llm.train', '--config=experiments/synthetic.py']
+  cmd += [f'--workdir={workdir}', *FLAGS, *extra]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _run(workdir, *extra):
+  proc = _start(workdir, *extra)
+  out = proc.communicate(timeout=300)[0].decode()
+  assert proc.returncode == 0, out
+  return out
+
+
+def _losses(workdir) -> dict[int, float]:
+  rows = [json.loads(x) for x in (Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  steps = [r['step'] for r in rows]
+  assert steps == sorted(set(steps)), f'duplicate or unordered rows: {steps}'
+  return {r['step']: r['loss'] for r in rows}
+
+
+def _wait_for(predicate, proc, timeout=240):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, proc.stdout.read().decode()
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.001)
+
+
+def _logged_step(workdir) -> int:
+  path = Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines()
+  try:
+    return json.loads(lines[-1])['step'] if lines else 0
+  except json.JSONDecodeError:  # A line being written.
+    return 0
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  _run(workdir)
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, TOTAL + 1))
+  return losses
+
+
+def test_kill_9_at_a_random_step_then_resume_gives_identical_losses(reference, tmp_path):
+  kill_after = random.Random(os.getpid()).randint(4, TOTAL - 3)
+  proc = _start(tmp_path)
+  _wait_for(lambda: _logged_step(tmp_path) >= kill_after, proc)
+  proc.kill()
+  proc.wait()
+  resumed_from = checkpoint.Checkpointer(str(tmp_path)).latest_step()
+  assert resumed_from is not None and resumed_from < TOTAL
+  out = _run(tmp_path)
+  assert f'Resumed from step {resumed_from}' in out
+  assert _losses(tmp_path) == reference  # Bitwise: same data, same optimizer state.
+
+
+def test_kill_9_during_an_async_save_leaves_no_complete_looking_checkpoint(reference, tmp_path):
+  proc = _start(tmp_path)
+  ckpt_dir = tmp_path / 'checkpoints'
+  # The second save's temporary directory appears: kill while it is written.
+  _wait_for(
+    lambda: ckpt_dir.exists() and any(p.name.startswith('6.') for p in ckpt_dir.iterdir()),
+    proc,
+  )
+  proc.kill()
+  proc.wait()
+  complete = checkpoint.Checkpointer(str(tmp_path)).latest_step()
+  assert complete in (3, 6)  # 6 only if its rename won the race against the kill.
+  out = _run(tmp_path)
+  assert f'Resumed from step {complete}' in out
+  assert _losses(tmp_path) == reference
+
+
+def test_sigterm_saves_the_current_step_exits_75_and_resumes_exactly(reference, tmp_path):
+  proc = _start(tmp_path)
+  _wait_for(lambda: _logged_step(tmp_path) >= 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, out
+  saved = checkpoint.Checkpointer(str(tmp_path)).latest_step()
+  assert saved >= 5 and f'saved step {saved}' in out
+  assert max(_losses(tmp_path)) == saved
+  _run(tmp_path)
+  assert _losses(tmp_path) == reference
+
+
+def _train_in_process(config, workdir, devices, stop_at=None):
+  """Like train_and_evaluate on `devices` up to `stop_at`, returning {step: loss}."""
+  stop_at = stop_at or config.total_steps
+  trainer = train.Trainer.create(config, devices)
+  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+  state, it = trainer.restore_or_init(ckpt)
+  losses = {}
+  for step in range(int(state['step']), stop_at):
+    state, m = trainer.step(state, next(it))
+    losses[step + 1] = float(m['loss'])
+  ckpt.save(stop_at, state, it.get_state(), config)
+  ckpt.close()
+  return losses, state
+
+
+@pytest.mark.parametrize(
+  'mesh, n', [({'mesh.data': 1, 'mesh.fsdp': 4}, 4), ({'mesh.data': 1}, 1)], ids=['fsdp4', 'single']
+)
+def test_checkpoint_from_a_2x2x2_mesh_restores_onto_another_mesh(tmp_path, mesh, n):
+  mesh_222 = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+  full, _ = _train_in_process(tiny_config(total_steps=5, **mesh_222), tmp_path / 'full', None)
+  _train_in_process(tiny_config(total_steps=5, **mesh_222), tmp_path / 'run', None, stop_at=3)
+  resumed, state = _train_in_process(
+    tiny_config(total_steps=5, **mesh), tmp_path / 'run', jax.devices()[:n]
+  )
+  assert sorted(resumed) == [4, 5]
+  np.testing.assert_allclose([resumed[4], resumed[5]], [full[4], full[5]], rtol=1e-5)
+  q = state['params']['layers']['attn']['q']
+  assert len(q.sharding.device_set) == n
+
+
+def test_resuming_with_another_model_shape_names_the_fields(tmp_path):
+  _train_in_process(tiny_config(total_steps=2), tmp_path, None)
+  # Learning rate and step count may change.
+  _train_in_process(tiny_config(total_steps=3, **{'optim.learning_rate': 0.5}), tmp_path, None)
+  bad = tiny_config(total_steps=4, **{'model.d_model': 32, 'model.d_ff': 64})
+  with pytest.raises(ValueError, match=r'd_model: 64 -> 32, d_ff: 128 -> 64'):
+    _train_in_process(bad, tmp_path, None)
+
+
+def test_a_corrupt_checkpoint_stops_naming_its_path(tmp_path):
+  _train_in_process(tiny_config(total_steps=2), tmp_path, None)
+  state_dir = tmp_path / 'checkpoints' / '2' / 'state'
+  for f in state_dir.rglob('*'):
+    if f.is_file() and f.stat().st_size > 0 and 'manifest' in f.name:
+      f.write_bytes(f.read_bytes()[:10])
+  for d in state_dir.rglob('d'):
+    for f in d.iterdir():
+      f.write_bytes(b'garbage')
+  with pytest.raises(ValueError, match=r'checkpoints/2 is corrupt or incomplete'):
+    _train_in_process(tiny_config(total_steps=4), tmp_path, None)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_params_only_export_loads_without_optimizer_state(tmp_path, dtype):
+  c = tiny_config(total_steps=2)
+  _, state = _train_in_process(c, tmp_path / 'run', None)
+  cfg, params, config = checkpoint.load_params(str(tmp_path / 'run'))
+  assert cfg == ModelConfig.from_dict(c.model) and config['total_steps'] == 2
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state['params']))
+  checkpoint.export_params(str(tmp_path / 'run'), str(tmp_path / 'export'), dtype)
+  assert not (tmp_path / 'export' / 'checkpoints').exists()
+  cfg2, exported, none = checkpoint.load_params(str(tmp_path / 'export'))
+  assert cfg2 == cfg and none is None
+  assert all(x.dtype == np.dtype(dtype) for x in jax.tree.leaves(exported))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.float32(a), b, rtol=1e-2), exported, params
+  )
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='neither a training workdir'):
+    checkpoint.load_params(str(tmp_path))
+
+
+def test_batches_continue_after_restore():
+  # The synthetic stream's state is its step; restoring it continues the stream.
+  c = tiny_config()
+  first = _batches(c, 5)
+  from llm.data import synthetic
+
+  it = synthetic.SyntheticIterator(vocab_size=128, batch_size=8, seq_len=32, seed=0)
+  it.set_state({'step': 3})
+  np.testing.assert_array_equal(next(it)['inputs'], first[3]['inputs'])

@@ -26,9 +26,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from llm import checkpoint
+from llm import checkpoint, optim, sharding
 from llm import metrics as metrics_lib
-from llm import optim, sharding
 from llm.data import synthetic
 from llm.model import ModelConfig, Transformer
 
@@ -334,7 +333,7 @@ def _check_finite(rows: list[tuple[int, dict]]) -> None:
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job may be retried and will resume.
 
 
-class Preempted(Exception):
+class PreemptedError(Exception):
   """Raised after the state was saved on SIGTERM; the run resumes from that step."""
 
 
@@ -373,7 +372,7 @@ class _PreemptionFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint; returns the last row.
 
-  Raises `Preempted` after saving when SIGTERM arrives.
+  Raises `PreemptedError` after saving when SIGTERM arrives.
   """
   trainer = Trainer.create(config)
   os.makedirs(workdir, exist_ok=True)
@@ -442,7 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step + 1, state, train_iter.get_state(), config)
       if preempted:
         ckpt.wait()
-        raise Preempted(f'Preempted: saved step {step + 1} in {ckpt.directory}; rerun to resume.')
+        raise PreemptedError(
+          f'PreemptedError: saved step {step + 1} in {ckpt.directory}; rerun to resume.'
+        )
       if config.eval_every > 0 and ((step + 1) % config.eval_every == 0 or done):
         eval_row = trainer.evaluate(state['params'])
         writer.write('eval', step + 1, eval_row)
@@ -464,7 +465,7 @@ def main(argv):
 
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except Preempted as e:
+  except PreemptedError as e:
     print(e, flush=True)
     raise SystemExit(PREEMPTED_EXIT_CODE) from None
   except (ValueError, FloatingPointError) as e:

@@ -462,6 +462,10 @@ def main(argv):
   from absl import flags, logging
 
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
+  if flags.FLAGS.multihost:
+    # Cloud TPU VMs: finds the other workers itself. Also sets up the
+    # preemption sync point that _PreemptionFlag relies on.
+    jax.distributed.initialize()
 
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -479,5 +483,6 @@ if __name__ == '__main__':
 
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
+  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (multi-host TPU).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -12,7 +12,8 @@ from llm.model import ModelConfig
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-  fields = dataclasses.asdict(ModelConfig())
+  # head_dim 0 means d_model // num_heads; asdict would carry the default model's value.
+  fields = dict(dataclasses.asdict(ModelConfig()), head_dim=0)
   fields.update(overrides)
   ModelConfig.from_dict(fields)  # Fails early on a bad preset or override.
   return ml_collections.ConfigDict(fields)

@@ -145,3 +145,14 @@ def test_bad_model_configs_stop_with_a_clear_sentence(fields, message):
 def test_unknown_model_key_is_named():
   with pytest.raises(ValueError, match=r"Unknown model config keys \['num_layer'\]"):
     ModelConfig.from_dict({'num_layer': 2})
+
+
+@pytest.mark.parametrize(
+  'preset, count', [('gpt2_124m', 124_439_808), ('llama2_7b', 6_738_415_616)]
+)
+def test_experiment_configs_keep_the_presets_shapes(preset, count):
+  """A preset through an experiment config keeps its head_dim (d_model // num_heads)."""
+  from experiments import synthetic
+
+  cfg = ModelConfig.from_dict(synthetic.get_config(preset).model)
+  assert model_lib.count_params(cfg) == count

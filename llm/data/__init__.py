@@ -1,0 +1,1 @@
+"""Datasets, tokenizers and the input pipeline; see pipeline.py for the batch format."""

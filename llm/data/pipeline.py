@@ -1,0 +1,276 @@
+"""Batches of packed token rows from a prepared dataset, with grain; resumable exactly.
+
+The stream, per host:
+
+  this host's contiguous slice of the split's documents (hosts never overlap;
+  a finite stream on several hosts is the exception, see `build`)
+  -> shuffled with `seed`, reshuffled every epoch   (grain.MapDataset)
+  -> tokenized: [bos] + text + [eos]; inputs = all but the last id, targets =
+     all but the first, so every target is the next id of its own document
+  -> concatenated and cut into rows of seq_len       (ConcatThenSplitIterDataset)
+  -> rows_per_host rows per batch; a short last batch is padded with empty rows
+  -> prefetched by a background thread (or worker processes)
+
+Row layout. Documents follow each other in a row; `segment_ids` number them
+1, 2, ... (0 is padding) and `positions` restart at 0 at each, so attention
+and the loss never cross documents. A document longer than what is left of a
+row continues at the start of the next row, as a new segment with positions
+from 0: nothing is dropped, and only the last row of a finite stream is
+padded. `loss_mask` is 1 exactly where a segment is (the targets never leave
+their document), 0 on padding. Padding ids are 0, the pad id of every
+tokenizer here.
+
+State. The iterator's state is a small dict (a few integers: documents read,
+the split point of the current document, rows emitted since) plus the
+settings that define the stream; restoring it continues with exactly the
+batches an uninterrupted iterator would have produced. It is only valid for
+the same dataset, split, seed, batch size, sequence length and host layout.
+"""
+
+import ast
+import functools
+import weakref
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from llm.data import sources, synthetic, tokenizer
+
+_PACKED = ('inputs', 'targets')
+
+
+def make_iterator(
+  data_config,
+  *,
+  split: str,
+  batch_size: int,
+  seq_len: int,
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  vocab_size: int | None = None,
+):
+  """This host's part of each global batch of `split` (see the module docstring).
+
+  Args:
+    data_config: `config.data`.
+    split: 'train' and 'validation' mean data.train_split and data.eval_split;
+      any other value is a TFDS split name.
+    batch_size: global rows per batch; each host yields batch_size // process_count.
+    seq_len: tokens per row.
+    seed: shuffling seed.
+    shuffle: False reads documents in stored order (evaluation).
+    num_epochs: None repeats forever; otherwise StopIteration after that many.
+    process_index, process_count: the host; default jax.process_index() / count().
+    vocab_size: the model's vocabulary, checked to hold every token id (and the
+      range of the synthetic stream).
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  _check_sizes(batch_size, seq_len, process_count, num_epochs)
+  if data_config.dataset == 'synthetic':
+    if vocab_size is None:
+      raise ValueError("data.dataset='synthetic' needs make_iterator(vocab_size=...).")
+    return synthetic.SyntheticIterator(
+      vocab_size=vocab_size,
+      batch_size=batch_size,
+      seq_len=seq_len,
+      seed=seed,
+      num_sequences=data_config.synthetic_num_sequences,
+      split=split,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  tok = tokenizer.load(data_config)
+  if vocab_size is not None and tok.vocab_size > vocab_size:
+    raise ValueError(
+      f'model.vocab_size={vocab_size} is smaller than the tokenizer '
+      f'({tok.vocab_size} ids); set model.vocab_size >= {tok.vocab_size}.'
+    )
+  split = {'train': data_config.train_split, 'validation': data_config.eval_split}.get(split, split)
+  source = sources.data_source(data_config, split, allow_prepare=process_count == 1)
+  dataset = build(
+    source,
+    tok,
+    field=sources.text_feature(data_config),
+    rows=batch_size // process_count,
+    seq_len=seq_len,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    process_index=process_index,
+    process_count=process_count,
+    read_threads=data_config.read_threads,
+    prefetch_batches=data_config.prefetch_batches,
+    worker_count=data_config.worker_count,
+  )
+  stream = dict(
+    dataset=data_config.dataset,
+    split=split,
+    seed=seed,
+    shuffle=shuffle,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return Iterator(dataset, stream, copy=data_config.worker_count > 0)
+
+
+def _check_sizes(batch_size, seq_len, process_count, num_epochs) -> None:
+  if not isinstance(seq_len, int) or seq_len <= 0:
+    raise ValueError(f'seq_len={seq_len!r} must be a positive number of tokens.')
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size!r} must be a positive number of rows.')
+  if batch_size % process_count:
+    raise ValueError(
+      f'batch_size={batch_size} is not divisible by the number of hosts ({process_count}).'
+    )
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f'num_epochs={num_epochs} must be positive, or None to repeat forever.')
+
+
+def build(
+  source,
+  tok: tokenizer.Tokenizer,
+  *,
+  field: str,
+  rows: int,
+  seq_len: int,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  process_index: int,
+  process_count: int,
+  read_threads: int = 4,
+  prefetch_batches: int = 4,
+  worker_count: int = 0,
+) -> grain.IterDataset:
+  """The grain dataset of this host's batches from any random-access `source` of records.
+
+  An endless stream (training) reads only this host's slice of the documents.
+  A finite one (evaluation) on several hosts is read whole by every host, each
+  keeping its rows of every global batch: hosts reading only their slices would
+  run out after different numbers of batches, and the first host to stop would
+  leave the others waiting forever in the collective eval step.
+  """
+  n = len(source)
+  whole = num_epochs is not None and process_count > 1
+  if whole:
+    lo, hi = 0, n
+  else:
+    lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
+  if hi <= lo:
+    raise ValueError(
+      f'Host {process_index} of {process_count} gets no documents: the split has only {n}.'
+    )
+  sources.record_text(source[lo], field)  # Fails now, with the field names, if absent.
+  ds = grain.MapDataset.source(source).slice(slice(lo, hi))
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(functools.partial(_tokenize, tok=tok, field=field))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 4 * rows))
+  )
+  it = grain.experimental.ConcatThenSplitIterDataset(
+    it, length_struct={k: seq_len for k in _PACKED}
+  )
+  it = it.map(_row)
+  if whole:
+    it = it.batch(
+      rows * process_count, batch_fn=functools.partial(_stack, rows=rows * process_count)
+    )
+    mine = slice(process_index * rows, (process_index + 1) * rows)
+    it = it.map(functools.partial(_take_rows, rows=mine))
+  else:
+    it = it.batch(rows, batch_fn=functools.partial(_stack, rows=rows))
+  if worker_count > 0:
+    # grain's workers are spawned processes; outside absl.app.run, flags must look parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
+
+
+def _tokenize(record, *, tok, field: str) -> dict[str, np.ndarray]:
+  ids = tok.encode_array(sources.record_text(record, field))
+  tokens = np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)
+  return {'inputs': tokens[:-1], 'targets': tokens[1:]}
+
+
+def _row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  segment_ids = packed['inputs_segment_ids']
+  return {
+    'inputs': packed['inputs'],
+    'targets': packed['targets'],
+    'segment_ids': segment_ids,
+    'positions': packed['inputs_positions'],
+    'loss_mask': (segment_ids > 0).astype(np.float32),
+  }
+
+
+def _take_rows(batch: dict[str, np.ndarray], *, rows: slice) -> dict[str, np.ndarray]:
+  return {k: v[rows] for k, v in batch.items()}
+
+
+def _stack(row_list, *, rows: int) -> dict[str, np.ndarray]:
+  """Stacks rows; a short final batch gets all-zero rows (padding: segment 0, mask 0)."""
+  batch = {k: np.stack([r[k] for r in row_list]) for k in row_list[0]}
+  if len(row_list) < rows:
+    batch = {k: np.pad(v, ((0, rows - len(row_list)), (0, 0))) for k, v in batch.items()}
+  return batch
+
+
+class Iterator:
+  """Batches of host-local numpy arrays, with `get_state` / `set_state` for checkpoints."""
+
+  def __init__(self, dataset: grain.IterDataset, stream: dict, *, copy: bool = False):
+    self._stream = stream
+    # Batches from worker processes live in shared memory until every view of them is
+    # gone; copies let the training loop keep a batch without pinning the segment.
+    self._copy = copy
+    # grain's iterators close themselves when collected, which fails once interpreter
+    # shutdown has torn down their modules. Holding ours in a list that `close` (or exit)
+    # empties lets it be collected while everything still works.
+    self._holder = [iter(dataset)]
+    self._finalizer = weakref.finalize(self, _release, self._holder)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._holder[0])
+    return {k: np.array(v) for k, v in batch.items()} if self._copy else batch
+
+  def get_state(self) -> dict:
+    """JSON-serialisable: the stream's settings and grain's state as a Python literal.
+
+    grain's state holds tuples that JSON would turn into lists, which grain then
+    misreads; a literal string round-trips them exactly.
+    """
+    return {**self._stream, 'grain': repr(self._holder[0].get_state())}
+
+  def set_state(self, state: dict) -> None:
+    for key, value in self._stream.items():
+      if state.get(key) != value:
+        raise ValueError(
+          f'The saved data state is for {key}={state.get(key)!r}, but this pipeline has '
+          f'{key}={value!r}; resuming it would not continue the same stream.'
+        )
+    self._holder[0].set_state(ast.literal_eval(state['grain']))
+
+  def close(self) -> None:
+    """Stops background reading; the iterator cannot be used afterwards."""
+    self._finalizer()
+
+
+def _release(holder: list) -> None:
+  holder.pop().close()

@@ -20,10 +20,12 @@ complete and resume falls back to the previous step.
 
 import dataclasses
 import json
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -52,9 +54,30 @@ def _abstract(tree, shardings=None):
   """ShapeDtypeStructs (with target shardings) for orbax to restore into."""
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  if isinstance(shardings, jax.sharding.Sharding):  # One sharding for every leaf.
+    shardings = jax.tree.map(lambda _: shardings, tree)
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
+
+
+def all_host_states(state) -> list:
+  """Every host's data-iterator state, in process order.
+
+  Each host reads its own slice of the data, so each has its own state; all of
+  them go into the checkpoint (written by process 0) and each host takes its own
+  back on restore.
+  """
+  if jax.process_count() == 1:
+    return [state]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).ravel()
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[: data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths, strict=True)]
 
 
 class Checkpointer:
@@ -88,7 +111,7 @@ class Checkpointer:
       step,
       args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
-        data=ocp.args.JsonSave({'iterator': data_state}),
+        data=ocp.args.JsonSave({'iterators': all_host_states(data_state)}),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
       ),
       force=True,
@@ -107,7 +130,13 @@ class Checkpointer:
       ),
       data=ocp.args.JsonRestore(),
     )
-    return out['state'], out['data']['iterator']
+    states = out['data']['iterators']
+    if len(states) != jax.process_count():
+      raise ValueError(
+        f'The data state in {self.directory / str(step)} was saved by {len(states)} hosts; '
+        f'this run has {jax.process_count()}, and each host resumes its own slice of the data.'
+      )
+    return out['state'], states[jax.process_index()]
 
   def restore_params(self, step: int, abstract_params, shardings=None):
     """Only the params of a training checkpoint; the optimizer state is never read."""
@@ -155,15 +184,43 @@ def check_compatible(saved_model: dict, model_cfg: ModelConfig, path) -> None:
 # Params-only export.
 
 
-def save_params(directory: str, cfg: ModelConfig, params, dtype: str = 'float32') -> None:
-  """Writes params (cast to `dtype`) and the ModelConfig, for inference and fine-tuning."""
-  directory = epath.Path(directory)
+TOKENIZER_DIR = 'tokenizer'  # Tokenizer files stored beside exported or imported params.
+
+
+def save_params(directory: str, cfg: ModelConfig, params, dtype: str | None = None) -> None:
+  """Writes params (cast to `dtype` if given) and the ModelConfig; never overwrites.
+
+  Numpy leaves (a fresh Hugging Face import) are moved to host jax arrays one by
+  one, in place: orbax would copy numpy arrays before writing, holding the model
+  twice, while jax arrays it writes as they are.
+  """
+  directory = _absolute(directory)
+  if (directory / 'params').exists():
+    raise ValueError(f'{directory} already holds params; choose a new directory.')
   directory.mkdir(parents=True, exist_ok=True)
-  params = jax.tree.map(lambda x: x.astype(dtype), params)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / 'params', params, force=True)
+    ckptr.save(directory / 'params', _host_arrays_inplace(params, dtype))
   if jax.process_index() == 0:
     (directory / 'model_config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def _host_arrays_inplace(params, dtype: str | None):
+  params = dict(params)
+  for key, value in params.items():
+    if isinstance(value, dict):
+      params[key] = _host_arrays_inplace(value, dtype)
+      continue
+    if dtype is not None and value.dtype != jnp.dtype(dtype):
+      value = value.astype(dtype)
+    if isinstance(value, np.ndarray):
+      value = jax.device_put(value, jax.local_devices(backend='cpu')[0])
+    params[key] = value
+  return params
+
+
+def _absolute(path: str) -> epath.Path:
+  """Orbax wants absolute local paths; gs:// paths are left as they are."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
 
 
 def load_params(path: str, *, shardings=None, dtype: str | None = None):
@@ -172,7 +229,7 @@ def load_params(path: str, *, shardings=None, dtype: str | None = None):
   A workdir gives the params of its newest complete checkpoint; the optimizer
   state is not read. `dtype` casts the params after loading.
   """
-  path = epath.Path(path)
+  path = _absolute(path)
   if (path / 'model_config.json').exists():
     cfg = ModelConfig.from_dict(json.loads((path / 'model_config.json').read_text()))
     config = None

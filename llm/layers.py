@@ -119,13 +119,35 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, theta: float, **scaling) -> A
   return out.astype(x_BTNH.dtype)
 
 
+def _write_cache(cache_BSKH: Array, new_BTKH: Array, index: Array) -> Array:
+  """Writes T new keys (or values) at slot `index`; the cache is sharded like activations."""
+  cache_BSKH = jax.lax.dynamic_update_slice_in_dim(
+    cache_BSKH, new_BTKH.astype(cache_BSKH.dtype), index, axis=1
+  )
+  return constrain(cache_BSKH, ('act_batch', 'act_length', 'act_kv_heads', None))
+
+
 class Attention(nn.Module):
-  """Multi-head attention with grouped-query heads (K kv heads, K divides N)."""
+  """Multi-head attention with grouped-query heads (K kv heads, K divides N).
+
+  Decoding passes `cache` ({'k': k_BSKH, 'v': v_BSKH}, this layer's slice of
+  the model's KV cache) and `cache_step` ({'index', 'mask_B1TS'}, shared by all
+  layers; see `Transformer`): the T new keys and values are written at slot
+  `index` and the queries attend over the whole cache through `mask_B1TS`.
+  It then returns (out_BTD, updated cache).
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+  def __call__(
+    self,
+    x_BTD: Array,
+    positions_BT: Array,
+    segment_ids_BT: Array | None,
+    cache: dict | None = None,
+    cache_step: dict | None = None,
+  ):
     cfg = self.cfg
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = nn.initializers.normal(cfg.init_std)
@@ -151,16 +173,24 @@ class Attention(nn.Module):
     k_BTKH = constrain(k_BTKH, ('act_batch', 'act_length', 'act_kv_heads', None))
     v_BTKH = constrain(v_BTKH, ('act_batch', 'act_length', 'act_kv_heads', None))
 
-    mask = attention_lib.make_mask(
-      positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, causal=cfg.causal
-    )
+    if cache is None:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      mask = attention_lib.make_mask(
+        positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, causal=cfg.causal
+      )
+    else:
+      k_BSKH = _write_cache(cache['k'], k_BTKH, cache_step['index'])
+      v_BSKH = _write_cache(cache['v'], v_BTKH, cache_step['index'])
+      mask = cache_step['mask_B1TS']
     out_BTNH = attention_lib.dot_product_attention(
-      q_BTNH, k_BTKH, v_BTKH, mask, implementation=cfg.attention_impl
+      q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask, implementation=cfg.attention_impl
     )
     out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, w_o_NHD.astype(dt))
     if cfg.use_bias:
       out_BTD += _param(self, 'o_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
-    return constrain(out_BTD, BTD)
+    if cache is None:
+      return constrain(out_BTD, BTD)
+    return constrain(out_BTD, BTD), {'k': k_BSKH, 'v': v_BSKH}
 
 
 class Mlp(nn.Module):
@@ -196,20 +226,33 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  The signature `(carry, *broadcast) -> (carry, None)` is what `nn.scan` wants,
-  so the same class serves the scanned and the unrolled stack.
+  The signature `(carry, *xs) -> (carry, ys)` is what `nn.scan` wants, so the
+  same class serves the scanned and the unrolled stack: ys is None in training
+  and this layer's updated KV cache when decoding (see `Attention`).
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None):
+  def __call__(
+    self,
+    x_BTD: Array,
+    positions_BT: Array,
+    segment_ids_BT: Array | None,
+    cache: dict | None = None,
+    cache_step: dict | None = None,
+  ):
     x_BTD = constrain(x_BTD, BTD)
     h_BTD = Norm(self.cfg, name='attn_norm')(x_BTD)
-    x_BTD = x_BTD + Attention(self.cfg, name='attn')(h_BTD, positions_BT, segment_ids_BT)
+    attn = Attention(self.cfg, name='attn')
+    if cache is None:
+      x_BTD = x_BTD + attn(h_BTD, positions_BT, segment_ids_BT)
+    else:
+      attn_BTD, cache = attn(h_BTD, positions_BT, segment_ids_BT, cache, cache_step)
+      x_BTD = x_BTD + attn_BTD
     h_BTD = Norm(self.cfg, name='mlp_norm')(x_BTD)
     x_BTD = x_BTD + Mlp(self.cfg, name='mlp')(h_BTD)
-    return constrain(x_BTD, BTD), None
+    return constrain(x_BTD, BTD), cache
 
 
 REMAT_POLICIES = {

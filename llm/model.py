@@ -117,7 +117,16 @@ class ModelConfig:
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] int32 -> logits [B, T, V] float32."""
+  """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+  Decoding: with `cache` (from `init_cache`) the T tokens are written into the
+  cache at slot cache['index'] and attend to every filled slot at a position
+  <= theirs, and the call returns (logits, updated cache). Positions default
+  to index + arange(T), segment ids to 1; a token with segment id 0 (padding)
+  is written into a slot that nothing attends to. `logits_index_B` keeps one
+  position per row (the logits come back [B, 1, V]): a prefill needs only
+  each prompt's last logits, not a [B, T, V] array.
+  """
 
   cfg: ModelConfig
 
@@ -127,11 +136,14 @@ class Transformer(nn.Module):
     tokens_BT: jax.Array,
     positions_BT: jax.Array | None = None,
     segment_ids_BT: jax.Array | None = None,
-  ) -> jax.Array:
+    cache: dict | None = None,
+    logits_index_B: jax.Array | None = None,
+  ):
     cfg = self.cfg
     B, T = tokens_BT.shape
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      start = 0 if cache is None else cache['index']
+      positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     embed_init = nn.initializers.normal(cfg.init_std)
     embed_VD = self.param(
       'embedding',
@@ -139,7 +151,10 @@ class Transformer(nn.Module):
       (cfg.vocab_size, cfg.d_model),
       cfg.param_dtype,
     )
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.dtype)
+    # Gather the table over fsdp before the lookup (as FSDP does for every
+    # weight): XLA cannot partition a gather from a table split along D.
+    lookup_VD = nn.with_logical_constraint(embed_VD, ('vocab', None))
+    x_BTD = jnp.take(lookup_VD, tokens_BT, axis=0).astype(cfg.dtype)
     if cfg.position == 'learned':
       pos_PD = self.param(
         'pos_embedding',
@@ -147,24 +162,40 @@ class Transformer(nn.Module):
         (cfg.max_seq_len, cfg.d_model),
         cfg.param_dtype,
       )
+      pos_PD = nn.with_logical_constraint(pos_PD, (None, None))  # As for the table above.
       x_BTD += jnp.take(pos_PD, positions_BT, axis=0).astype(cfg.dtype)
     x_BTD = layers.constrain(x_BTD, layers.BTD)
 
     block = layers.block_class(cfg)
+    # Decoding adds two inputs per layer: its KV slice (scanned over L) and the
+    # step's write index and mask (the same for every layer).
+    decode_args, decode_axes = (), ()
+    if cache is not None:
+      segment_ids_BT, cache, cache_step = _cache_step(cache, positions_BT, segment_ids_BT, cfg)
+      decode_args = ({'k': cache['k'], 'v': cache['v']}, cache_step)
+      decode_axes = (0, nn.broadcast)
     if cfg.scan_layers:
       stack = nn.scan(
         block,
         variable_axes={'params': 0},
         split_rngs={'params': True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, *decode_axes),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      x_BTD, _ = stack(cfg, name='layers')(x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, kv = stack(cfg, name='layers')(x_BTD, positions_BT, segment_ids_BT, *decode_args)
     else:
+      kv_per_layer = []
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, name=f'layers_{i}')(x_BTD, positions_BT, segment_ids_BT)
+        layer_args = ()
+        if cache is not None:
+          layer_args = (jax.tree.map(lambda c, i=i: c[i], decode_args[0]), decode_args[1])
+        x_BTD, kv = block(cfg, name=f'layers_{i}')(x_BTD, positions_BT, segment_ids_BT, *layer_args)
+        kv_per_layer.append(kv)
+      kv = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *kv_per_layer)
 
+    if logits_index_B is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_index_B[:, None, None], axis=1)
     x_BTD = layers.Norm(cfg, name='final_norm')(x_BTD)
     if cfg.tie_embeddings:
       unembed_DV = embed_VD.T
@@ -178,7 +209,65 @@ class Transformer(nn.Module):
     logits_BTV = jnp.einsum(
       'BTD,DV->BTV', x_BTD, unembed_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
     )
-    return layers.constrain(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
+    logits_BTV = layers.constrain(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
+    if cache is None:
+      return logits_BTV
+    return logits_BTV, dict(cache, **kv)
+
+
+# Logical axis names of the KV cache: sharded like the activations.
+CACHE_AXES = {
+  'k': (None, 'act_batch', 'act_length', 'act_kv_heads', None),
+  'v': (None, 'act_batch', 'act_length', 'act_kv_heads', None),
+  'positions': ('act_batch', 'act_length'),
+  'segment_ids': ('act_batch', 'act_length'),
+  'index': (),
+}
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+  """An empty KV cache of `length` slots per row, for `Transformer.__call__(cache=)`.
+
+  k, v: [L, B, S, K, H] in the compute dtype, stacked over layers whether or
+  not they are scanned. positions, segment_ids: [B, S], per slot; segment id 0
+  marks a slot that holds nothing (never written, or padding). index: the
+  next slot to write, shared by all rows, so a step writes one contiguous
+  column and rows of different lengths differ only in their positions.
+  """
+  kv_LBSKH = jnp.zeros(
+    (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim), cfg.dtype
+  )
+  slots_BS = jnp.zeros((batch_size, length), jnp.int32)
+  return {
+    'k': kv_LBSKH,
+    'v': kv_LBSKH,
+    'positions': slots_BS,
+    'segment_ids': slots_BS,
+    'index': jnp.zeros((), jnp.int32),
+  }
+
+
+def _cache_step(cache: dict, positions_BT, segment_ids_BT, cfg: ModelConfig):
+  """Records the T new tokens' positions and segments in the cache; builds their mask.
+
+  Returns (segment ids of the queries, cache with positions, segment_ids and
+  index advanced, {'index': where the layers write, 'mask_B1TS'}).
+  """
+  index = cache['index']
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones(positions_BT.shape, jnp.int32)
+  positions_BS = jax.lax.dynamic_update_slice_in_dim(
+    cache['positions'], positions_BT.astype(jnp.int32), index, axis=1
+  )
+  segment_ids_BS = jax.lax.dynamic_update_slice_in_dim(
+    cache['segment_ids'], segment_ids_BT.astype(jnp.int32), index, axis=1
+  )
+  mask_B1TS = attention_lib.make_mask(
+    positions_BT, positions_BS, segment_ids_BT, segment_ids_BS, causal=cfg.causal
+  )
+  T = positions_BT.shape[1]
+  cache = dict(cache, positions=positions_BS, segment_ids=segment_ids_BS, index=index + T)
+  return segment_ids_BT, cache, {'index': index, 'mask_B1TS': mask_B1TS}
 
 
 def abstract_params(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 8):

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from llm import checkpoint, optim, sharding
+from llm import evaluate as evaluate_lib
 from llm import metrics as metrics_lib
 from llm.data import synthetic
 from llm.model import ModelConfig, Transformer
@@ -142,15 +143,6 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model: Transformer) -> dict:
-  """Sums of loss and tokens, so the caller can average over a whole split."""
-  logits = model.apply(
-    {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids']
-  )
-  nll, _, tokens = cross_entropy(logits, batch['targets'], batch['loss_mask'])
-  return {'nll_sum': nll, 'tokens': tokens}
-
-
 # ----------------------------------------------------------------------------
 # State.
 
@@ -239,7 +231,6 @@ class Trainer:
   schedule: optax.Schedule
   shardings: State
   step_fn: callable
-  eval_fn: callable
 
   @classmethod
   def create(cls, config, devices=None) -> 'Trainer':
@@ -267,12 +258,7 @@ class Trainer:
       out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0,
     )
-    eval_fn = jax.jit(
-      functools.partial(eval_step, model=model),
-      in_shardings=(shardings['params'], batch_shardings),
-      out_shardings=sharding.replicated(mesh),
-    )
-    return cls(config, mesh, model_cfg, model, tx, schedule, shardings, step_fn, eval_fn)
+    return cls(config, mesh, model_cfg, model, tx, schedule, shardings, step_fn)
 
   def init_state(self) -> State:
     batch_shape = (self.config.batch_size, self.config.seq_len)
@@ -305,19 +291,19 @@ class Trainer:
       return self.step_fn(state, sharding.global_batch(host_batch, self.mesh))
 
   def evaluate(self, params) -> dict:
-    """Mean loss and perplexity over `eval_steps` validation batches (<= 0: the whole split)."""
-    it = make_iterator(self.config, 'validation', model_cfg=self.model_cfg, num_epochs=1)
-    nll, tokens, n = 0.0, 0.0, 0
-    with sharding.rules_context(self.mesh):
-      for host_batch in it:
-        out = self.eval_fn(params, sharding.global_batch(host_batch, self.mesh))
-        nll += float(out['nll_sum'])
-        tokens += float(out['tokens'])
-        n += 1
-        if 0 < self.config.eval_steps <= n:
-          break
-    loss = nll / max(tokens, 1.0)
-    return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))), 'tokens': tokens}
+    """Loss, perplexity and bits per byte over `eval_steps` validation batches (<= 0: all)."""
+    c = self.config
+    return evaluate_lib.evaluate_split(
+      self.model_cfg,
+      params,
+      c.data,
+      split='validation',
+      batch_size=c.batch_size,
+      seq_len=c.seq_len,
+      mesh=self.mesh,
+      seed=c.seed,
+      max_batches=max(c.eval_steps, 0),
+    )
 
 
 def _check_finite(rows: list[tuple[int, dict]]) -> None:

@@ -1,0 +1,232 @@
+"""Llama (`LlamaForCausalLM`) <-> `Transformer` with RoPE, RMSNorm and SwiGLU.
+
+Hugging Face stores `nn.Linear` weights as [out, in]; ours are [in, out] with
+the head axes explicit, so q_proj [N*H, D] becomes q [D, N, H] by a transpose
+and a reshape, and grouped-query k/v [K*H, D] become [D, K, H] the same way.
+RoPE needs no permutation: `llm.layers.apply_rope` uses the rotate-half layout
+that Hugging Face's Llama uses (checkpoints converted from Meta's originals
+are already permuted into it by Hugging Face's own script).
+
+Our SwiGLU is silu(x @ wg) * (x @ wi) @ wo, i.e. gate_proj -> wg, up_proj -> wi,
+down_proj -> wo. `use_bias` gives biases to q, k, v, o, wi and wo but not wg;
+Hugging Face's `attention_bias` / `mlp_bias` are separate switches and
+`mlp_bias` also biases gate_proj, so a nonzero gate_proj bias cannot be
+imported, and export writes only the bias groups that are nonzero.
+"""
+
+import re
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from llm.model import ModelConfig
+
+ARCHITECTURE = 'LlamaForCausalLM'
+MODEL_TYPE = 'llama'
+
+_LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
+_BUFFERS = re.compile(r'rotary_emb\.inv_freq$')
+_ATTN = ('q', 'k', 'v', 'o')
+_MLP = {'up_proj': 'wi', 'gate_proj': 'wg', 'down_proj': 'wo'}
+_NORMS = {'input_layernorm.weight': 'attn_norm', 'post_attention_layernorm.weight': 'mlp_norm'}
+_ROPE_TYPES = ('default', 'linear', 'llama3')
+
+
+def _rope_fields(hf: dict) -> dict:
+  """RoPE fields from either config format: transformers 4 (`rope_theta`, `rope_scaling`)
+  or 5 (`rope_parameters` holding both)."""
+  rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  theta = rope.get('rope_theta', hf.get('rope_theta', 10000.0))
+  kind = rope.get('rope_type', rope.get('type', 'default'))
+  if kind not in _ROPE_TYPES:
+    raise ValueError(
+      f'Llama rope type {kind!r} is not supported; supported: {", ".join(_ROPE_TYPES)}.'
+    )
+  partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  if partial != 1.0:
+    raise ValueError(f'Llama partial_rotary_factor={partial} is not supported; only 1.0 is.')
+  fields = dict(rope_theta=float(theta))
+  if kind == 'default':
+    return fields
+  fields.update(rope_scaling=kind, rope_scaling_factor=float(rope['factor']))
+  if kind == 'llama3':
+    fields.update(
+      rope_low_freq_factor=float(rope['low_freq_factor']),
+      rope_high_freq_factor=float(rope['high_freq_factor']),
+      rope_original_max_seq_len=int(
+        rope.get('original_max_position_embeddings', hf.get('max_position_embeddings', 2048))
+      ),
+    )
+  return fields
+
+
+def config_from_hf(hf: dict) -> dict:
+  """ModelConfig fields from a Llama `config.json` (missing keys take LlamaConfig's defaults)."""
+  act = hf.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise ValueError(f'Llama hidden_act={act!r} is not supported; SwiGLU here uses silu.')
+  num_heads = hf.get('num_attention_heads', 32)
+  d_model = hf.get('hidden_size', 4096)
+  return dict(
+    vocab_size=hf.get('vocab_size', 32000),
+    num_layers=hf.get('num_hidden_layers', 32),
+    d_model=d_model,
+    num_heads=num_heads,
+    num_kv_heads=hf.get('num_key_value_heads') or num_heads,
+    head_dim=hf.get('head_dim') or d_model // num_heads,
+    d_ff=hf.get('intermediate_size', 11008),
+    max_seq_len=hf.get('max_position_embeddings', 2048),
+    norm='rmsnorm',
+    norm_eps=hf.get('rms_norm_eps', 1e-6),
+    mlp='swiglu',
+    position='rope',
+    use_bias=bool(hf.get('attention_bias', False) or hf.get('mlp_bias', False)),
+    tie_embeddings=hf.get('tie_word_embeddings', False),
+    init_std=hf.get('initializer_range', 0.02),
+    **_rope_fields(hf),
+  )
+
+
+def check_exportable(cfg: ModelConfig) -> list[str]:
+  """Reasons `cfg` cannot be written as Llama; empty when it can."""
+  reasons = [
+    f'model.{field}={getattr(cfg, field)!r} (Llama needs {want!r})'
+    for field, want in (
+      ('norm', 'rmsnorm'),
+      ('mlp', 'swiglu'),
+      ('position', 'rope'),
+      ('causal', True),
+    )
+    if getattr(cfg, field) != want
+  ]
+  if cfg.d_model % cfg.num_heads:
+    reasons.append(
+      f'model.d_model={cfg.d_model} (transformers needs it divisible by num_heads={cfg.num_heads})'
+    )
+  return reasons
+
+
+def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
+  """A Llama `config.json`, in the transformers 4 RoPE format that transformers 5 also reads."""
+  rope_scaling = None
+  if cfg.rope_scaling == 'linear':
+    rope_scaling = dict(rope_type='linear', factor=cfg.rope_scaling_factor)
+  elif cfg.rope_scaling == 'llama3':
+    rope_scaling = dict(
+      rope_type='llama3',
+      factor=cfg.rope_scaling_factor,
+      low_freq_factor=cfg.rope_low_freq_factor,
+      high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_position_embeddings=cfg.rope_original_max_seq_len,
+    )
+  return dict(
+    architectures=[ARCHITECTURE],
+    model_type=MODEL_TYPE,
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.d_model,
+    intermediate_size=cfg.d_ff,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    max_position_embeddings=cfg.max_seq_len,
+    rms_norm_eps=cfg.norm_eps,
+    rope_theta=cfg.rope_theta,
+    rope_scaling=rope_scaling,
+    hidden_act='silu',
+    attention_bias=biases['attn'],
+    mlp_bias=biases['mlp'],
+    tie_word_embeddings=cfg.tie_embeddings,
+    initializer_range=cfg.init_std,
+  )
+
+
+def expected_names(hf: dict, cfg: ModelConfig) -> set[str]:
+  """Tensor names a checkpoint with this config must hold."""
+  names = {'model.embed_tokens.weight', 'model.norm.weight'}
+  if not cfg.tie_embeddings:
+    names.add('lm_head.weight')
+  per_layer = [*_NORMS]
+  per_layer += [f'self_attn.{k}_proj.weight' for k in _ATTN]
+  per_layer += [f'mlp.{m}.weight' for m in _MLP]
+  if hf.get('attention_bias', False):
+    per_layer += [f'self_attn.{k}_proj.bias' for k in _ATTN]
+  if hf.get('mlp_bias', False):
+    per_layer += [f'mlp.{m}.bias' for m in _MLP]
+  for i in range(cfg.num_layers):
+    names.update(f'model.layers.{i}.{n}' for n in per_layer)
+  return names
+
+
+def canonical_name(name: str, cfg: ModelConfig) -> str | None:
+  """The name `expected_names` uses, or None for tensors that carry no weights."""
+  if _BUFFERS.search(name) or (name == 'lm_head.weight' and cfg.tie_embeddings):
+    return None
+  return name
+
+
+def to_ours(
+  name: str, w: np.ndarray, cfg: ModelConfig
+) -> list[tuple[tuple, int | None, np.ndarray]]:
+  """One Hugging Face tensor -> [(our path, layer or None, array)]."""
+  D, H = cfg.d_model, cfg.head_dim
+  if name == 'model.embed_tokens.weight':
+    return [(('embedding',), None, w)]
+  if name == 'model.norm.weight':
+    return [(('final_norm', 'scale'), None, w)]
+  if name == 'lm_head.weight':
+    return [(('unembed',), None, w.T)]
+  i, rest = _LAYER.match(name).groups()
+  i = int(i)
+  if rest in _NORMS:
+    return [((_NORMS[rest], 'scale'), i, w)]
+  module, proj, param = rest.split('.')
+  if module == 'self_attn':
+    k = proj[0]
+    heads = cfg.num_heads if k in 'qo' else cfg.num_kv_heads
+    if param == 'bias':
+      shape = (D,) if k == 'o' else (heads, H)
+      return [(('attn', f'{k}_bias'), i, w.reshape(shape))]
+    if k == 'o':
+      return [(('attn', 'o'), i, w.T.reshape(heads, H, D))]
+    return [(('attn', k), i, w.T.reshape(D, heads, H))]
+  ours = _MLP[proj]
+  if param == 'weight':
+    return [(('mlp', ours), i, w.T)]
+  if ours == 'wg':
+    if np.any(w != 0):
+      raise ValueError(
+        f'{name} is nonzero, but the model has no gate bias (SwiGLU biases only wi and wo).'
+      )
+    return []
+  return [(('mlp', f'{ours}_bias'), i, w)]
+
+
+def to_hf(
+  cfg: ModelConfig, get: Callable[[tuple, int | None], np.ndarray], biases: dict[str, bool]
+) -> Iterator[tuple[str, np.ndarray]]:
+  """(Hugging Face name, array) for every tensor, reading ours through `get(path, layer)`.
+
+  `biases['attn']` / `biases['mlp']` say which bias groups to write.
+  """
+  D = cfg.d_model
+  yield 'model.embed_tokens.weight', get(('embedding',), None)
+  for i in range(cfg.num_layers):
+    p = f'model.layers.{i}.'
+    yield p + 'input_layernorm.weight', get(('attn_norm', 'scale'), i)
+    for k in _ATTN:
+      w = get(('attn', k), i)
+      w = w.reshape(-1, D).T if k == 'o' else w.reshape(D, -1).T
+      yield p + f'self_attn.{k}_proj.weight', w
+      if biases['attn']:
+        yield p + f'self_attn.{k}_proj.bias', get(('attn', f'{k}_bias'), i).reshape(-1)
+    yield p + 'post_attention_layernorm.weight', get(('mlp_norm', 'scale'), i)
+    for proj, ours in _MLP.items():
+      w = get(('mlp', ours), i)
+      yield p + f'mlp.{proj}.weight', w.T
+      if biases['mlp']:
+        bias = np.zeros(w.shape[1], w.dtype) if ours == 'wg' else get(('mlp', f'{ours}_bias'), i)
+        yield p + f'mlp.{proj}.bias', bias
+  yield 'model.norm.weight', get(('final_norm', 'scale'), None)
+  if not cfg.tie_embeddings:
+    yield 'lm_head.weight', get(('unembed',), None).T

@@ -84,7 +84,7 @@ class Checkpointer:
   """Saves and restores training checkpoints under `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_period: int = 0, async_save=True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = _absolute(workdir) / 'checkpoints'
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep or None,
       keep_period=keep_period or None,

@@ -205,6 +205,14 @@ def test_params_only_export_loads_without_optimizer_state(tmp_path, dtype):
   )
 
 
+def test_a_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _train_in_process(tiny_config(total_steps=4), 'run', None, stop_at=2)
+  assert checkpoint.Checkpointer('run').latest_step() == 2
+  resumed, _ = _train_in_process(tiny_config(total_steps=4), 'run', None)
+  assert sorted(resumed) == [3, 4]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='neither a training workdir'):
     checkpoint.load_params(str(tmp_path))

@@ -15,19 +15,22 @@ small-model optimizer settings, as in the llm.c / nanoGPT reproductions.
 from experiments import base, presets
 
 
-def get_config(arg=None):
-  del arg
-  c = base.get_config()
+def c4_data(c, vocab_size: int) -> None:
+  """C4 prepared in a bucket, with a BPE tokenizer of `vocab_size` trained on it."""
   c.data.dataset = 'c4/en'
   c.data.data_dir = 'gs://YOUR_BUCKET/tensorflow_datasets'
   c.data.tokenizer = ''
-  c.data.spm_vocab_size = 50304
+  c.data.spm_vocab_size = vocab_size
   c.data.spm_max_lines = 500_000
   c.data.read_threads = 16
   c.data.worker_count = 4
-  c.model = base.model_config(
-    **dict(presets.get('gpt2_124m'), vocab_size=50304, head_dim=64, dtype='bfloat16')
-  )
+
+
+def get_config(arg=None):
+  del arg
+  c = base.get_config()
+  c4_data(c, vocab_size=50304)
+  c.model = base.model_config(**dict(presets.get('gpt2_124m'), vocab_size=50304, dtype='bfloat16'))
   c.seq_len = 1024
   c.batch_size = 512
   c.total_steps = 19073

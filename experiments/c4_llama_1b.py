@@ -13,19 +13,13 @@ fifth of the parameters on embeddings. 20B tokens (20,000 steps of
 chips (FSDP); activations are rematerialised except the matmuls.
 """
 
-from experiments import base, presets
+from experiments import base, c4_gpt2_124m, presets
 
 
 def get_config(arg=None):
   del arg
   c = base.get_config()
-  c.data.dataset = 'c4/en'
-  c.data.data_dir = 'gs://YOUR_BUCKET/tensorflow_datasets'
-  c.data.tokenizer = ''
-  c.data.spm_vocab_size = 32768
-  c.data.spm_max_lines = 500_000
-  c.data.read_threads = 16
-  c.data.worker_count = 4
+  c4_gpt2_124m.c4_data(c, vocab_size=32768)
   c.model = base.model_config(
     **dict(
       presets.get('llama3_1b'),

@@ -13,7 +13,7 @@ split; for a corpus too small for that, the error names the largest size it
 supports (set data.spm_vocab_size and model.vocab_size to it).
 """
 
-from experiments import base
+from experiments import base, shakespeare
 
 
 def get_config(arg=None):
@@ -30,21 +30,7 @@ def get_config(arg=None):
   c.eval_every = 250
   c.eval_steps = 20
   c.checkpoint_every = 250
-  c.model = base.model_config(
-    norm='layernorm',
-    mlp='gelu',
-    position='learned',
-    use_bias=True,
-    tie_embeddings=True,
-    vocab_size=4096,
-    num_layers=4,
-    d_model=256,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=64,
-    d_ff=1024,
-    max_seq_len=256,
-  )
+  c.model = shakespeare.small_gpt(vocab_size=4096)
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 100
   return c

@@ -60,12 +60,7 @@ def compile_train_step(config, devices=None) -> CompileReport:
   """Lowers and compiles `config`'s train step for `devices` (default: local) from shapes."""
   trainer = train.Trainer.create(config, devices)
   batch_shape = (config.batch_size, config.seq_len)
-  state = jax.eval_shape(
-    train._init_fn(trainer.model, trainer.tx, batch_shape), jax.random.key(config.seed)
-  )
-  state = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, trainer.shardings
-  )
+  state = trainer.abstract_state()
   row = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=sharding.batch_sharding(trainer.mesh))
   batch = {
     'inputs': row,

@@ -265,6 +265,16 @@ class Trainer:
     rng = jax.random.key(self.config.seed)
     return init_state(self.model, self.tx, batch_shape, self.mesh, rng, self.shardings)
 
+  def abstract_state(self) -> State:
+    """The state as ShapeDtypeStructs carrying their shardings: a restore or compile target."""
+    batch_shape = (self.config.batch_size, self.config.seq_len)
+    shapes = jax.eval_shape(
+      _init_fn(self.model, self.tx, batch_shape), jax.random.key(self.config.seed)
+    )
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings
+    )
+
   def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> tuple[State, Iterator]:
     """The newest complete checkpoint's state and data stream, or fresh ones.
 
@@ -277,11 +287,7 @@ class Trainer:
       return self.init_state(), train_iter
     saved = ckpt.saved_config(step)
     checkpoint.check_compatible(saved['model'], self.model_cfg, ckpt.directory / str(step))
-    batch_shape = (self.config.batch_size, self.config.seq_len)
-    target = jax.eval_shape(
-      _init_fn(self.model, self.tx, batch_shape), jax.random.key(self.config.seed)
-    )
-    state, data_state = ckpt.restore(step, target, self.shardings)
+    state, data_state = ckpt.restore(step, self.abstract_state(), self.shardings)
     train_iter.set_state(data_state)
     print(f'Resumed from step {step} of {ckpt.directory}.', flush=True)
     return state, train_iter

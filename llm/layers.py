@@ -193,6 +193,26 @@ class Attention(nn.Module):
     return constrain(out_BTD, BTD), {'k': k_BSKH, 'v': v_BSKH}
 
 
+def activation(cfg: ModelConfig, x: Array) -> Array:
+  """The GELU of `cfg.mlp`: GPT-2's tanh approximation, or BERT's exact erf form."""
+  return nn.gelu(x, approximate=cfg.mlp != 'gelu_exact')
+
+
+class Dense(nn.Module):
+  """x @ W + b over the last (model) dim: the heads' small projections (pooler, MLM transform)."""
+
+  cfg: ModelConfig
+  features: int
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    D, init = x_BTD.shape[-1], nn.initializers.normal(cfg.init_std)
+    w_DE = _param(self, 'kernel', (D, self.features), ('embed', None), init, cfg)
+    b_E = _param(self, 'bias', (self.features,), ('norm',), nn.initializers.zeros, cfg)
+    return jnp.einsum('BTD,DE->BTE', x_BTD, w_DE.astype(cfg.dtype)) + b_E.astype(cfg.dtype)
+
+
 class Mlp(nn.Module):
   """GELU MLP (GPT) or SwiGLU (Llama)."""
 
@@ -213,8 +233,7 @@ class Mlp(nn.Module):
       gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_gate_DF.astype(dt))
       h_BTF = nn.silu(gate_BTF) * h_BTF
     else:
-      # GPT-2 uses the tanh approximation of GELU.
-      h_BTF = nn.gelu(h_BTF, approximate=True)
+      h_BTF = activation(cfg, h_BTF)
     h_BTF = constrain(h_BTF, ('act_batch', 'act_length', 'act_mlp'))
     w_out_FD = _param(self, 'wo', (F, D), ('mlp', 'embed'), out_init, cfg)
     out_BTD = jnp.einsum('BTF,FD->BTD', h_BTF, w_out_FD.astype(dt))
@@ -224,7 +243,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+  """Residual block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
+  Post-norm (BERT): norm(x + attn(x)), then norm(x + mlp(x)).
 
   The signature `(carry, *xs) -> (carry, ys)` is what `nn.scan` wants, so the
   same class serves the scanned and the unrolled stack: ys is None in training
@@ -243,15 +263,20 @@ class Block(nn.Module):
     cache_step: dict | None = None,
   ):
     x_BTD = constrain(x_BTD, BTD)
-    h_BTD = Norm(self.cfg, name='attn_norm')(x_BTD)
+    pre = self.cfg.norm_position == 'pre'
+    attn_norm, mlp_norm = Norm(self.cfg, name='attn_norm'), Norm(self.cfg, name='mlp_norm')
+    h_BTD = attn_norm(x_BTD) if pre else x_BTD
     attn = Attention(self.cfg, name='attn')
     if cache is None:
       x_BTD = x_BTD + attn(h_BTD, positions_BT, segment_ids_BT)
     else:
       attn_BTD, cache = attn(h_BTD, positions_BT, segment_ids_BT, cache, cache_step)
       x_BTD = x_BTD + attn_BTD
-    h_BTD = Norm(self.cfg, name='mlp_norm')(x_BTD)
-    x_BTD = x_BTD + Mlp(self.cfg, name='mlp')(h_BTD)
+    if pre:
+      x_BTD = x_BTD + Mlp(self.cfg, name='mlp')(mlp_norm(x_BTD))
+    else:
+      x_BTD = attn_norm(x_BTD)
+      x_BTD = mlp_norm(x_BTD + Mlp(self.cfg, name='mlp')(x_BTD))
     return constrain(x_BTD, BTD), cache
 
 

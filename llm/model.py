@@ -9,11 +9,15 @@ Dims legend, used in tensor names (`x_BTD`) and einsum strings everywhere:
   H  head dim                   V  vocabulary
   L  layers
 
-One `Transformer` covers the decoder families by configuration, from shared
-blocks: GPT-2/GPT-3 (learned positions, LayerNorm, GELU, biases, tied
-embeddings) and Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, no
-biases, untied output). Presets with published shapes are in
-`experiments/presets.py`.
+One `Transformer` covers every family by configuration, from shared blocks:
+GPT-2/GPT-3 (learned positions, LayerNorm, GELU, biases, tied embeddings),
+Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied
+output) and the BERT encoder (causal=False, post-LayerNorm with a LayerNorm on
+the embeddings, token-type embeddings, exact GELU, and the masked-LM head:
+dense + GELU + LayerNorm, then the tied decoder with a bias). `head` picks
+the output: next-token logits ('lm'), masked-LM logits ('mlm'), or
+`num_labels` class logits from one pooled position per row ('classifier').
+Presets with published shapes are in `experiments/presets.py`.
 """
 
 import dataclasses
@@ -27,13 +31,16 @@ from llm import layers
 
 _CHOICES = {
   'norm': ('layernorm', 'rmsnorm'),
-  'mlp': ('gelu', 'swiglu'),
+  # 'gelu' is GPT-2's tanh approximation; 'gelu_exact' the erf form of BERT.
+  'mlp': ('gelu', 'gelu_exact', 'swiglu'),
   'position': ('learned', 'rope'),
   'remat': ('none', *layers.REMAT_POLICIES),
   'dtype': ('float32', 'bfloat16', 'float16'),
   'param_dtype': ('float32', 'bfloat16'),
   'attention_impl': attention_lib.IMPLEMENTATIONS,
   'rope_scaling': ('none', 'linear', 'llama3'),
+  'norm_position': ('pre', 'post'),
+  'head': ('lm', 'mlm', 'classifier'),
 }
 
 
@@ -65,6 +72,12 @@ class ModelConfig:
   use_bias: bool = False
   tie_embeddings: bool = False
   causal: bool = True
+  # 'pre': x + f(norm(x)) and a final norm (GPT-2, Llama). 'post': norm(x + f(x))
+  # and a norm on the embeddings instead of a final one (BERT).
+  norm_position: str = 'pre'
+  type_vocab_size: int = 0  # > 0: token-type (segment A/B) embeddings, as BERT.
+  head: str = 'lm'
+  num_labels: int = 0  # head='classifier' only.
   dtype: str = 'float32'  # Compute dtype; 'bfloat16' on accelerators.
   param_dtype: str = 'float32'
   scan_layers: bool = True
@@ -95,6 +108,10 @@ class ModelConfig:
       object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
     if self.position == 'rope' and self.head_dim % 2:
       raise ValueError(f'RoPE needs an even head_dim, got {self.head_dim}.')
+    if self.head == 'classifier' and self.num_labels < 2:
+      raise ValueError(f'model.num_labels={self.num_labels}: a classifier needs at least 2.')
+    if self.head != 'classifier' and self.num_labels:
+      raise ValueError(f'model.num_labels={self.num_labels} needs model.head=classifier.')
     if self.rope_scaling != 'none' and self.rope_scaling_factor <= 0:
       raise ValueError(f'model.rope_scaling_factor={self.rope_scaling_factor} must be positive.')
     if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -126,6 +143,12 @@ class Transformer(nn.Module):
   is written into a slot that nothing attends to. `logits_index_B` keeps one
   position per row (the logits come back [B, 1, V]): a prefill needs only
   each prompt's last logits, not a [B, T, V] array.
+
+  With head='classifier' the output is [B, 1, num_labels], from the position
+  `logits_index_B` of each row: by default the first ([CLS]) for an encoder
+  and the last for a decoder, which is only right for rows without padding.
+  `token_types_BT` (0 or 1 per token) needs model.type_vocab_size > 0; None
+  means all 0.
   """
 
   cfg: ModelConfig
@@ -138,33 +161,14 @@ class Transformer(nn.Module):
     segment_ids_BT: jax.Array | None = None,
     cache: dict | None = None,
     logits_index_B: jax.Array | None = None,
+    token_types_BT: jax.Array | None = None,
   ):
     cfg = self.cfg
     B, T = tokens_BT.shape
     if positions_BT is None:
       start = 0 if cache is None else cache['index']
       positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    embed_init = nn.initializers.normal(cfg.init_std)
-    embed_VD = self.param(
-      'embedding',
-      nn.with_logical_partitioning(embed_init, ('vocab', 'embed')),
-      (cfg.vocab_size, cfg.d_model),
-      cfg.param_dtype,
-    )
-    # Gather the table over fsdp before the lookup (as FSDP does for every
-    # weight): XLA cannot partition a gather from a table split along D.
-    lookup_VD = nn.with_logical_constraint(embed_VD, ('vocab', None))
-    x_BTD = jnp.take(lookup_VD, tokens_BT, axis=0).astype(cfg.dtype)
-    if cfg.position == 'learned':
-      pos_PD = self.param(
-        'pos_embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, 'embed')),
-        (cfg.max_seq_len, cfg.d_model),
-        cfg.param_dtype,
-      )
-      pos_PD = nn.with_logical_constraint(pos_PD, (None, None))  # As for the table above.
-      x_BTD += jnp.take(pos_PD, positions_BT, axis=0).astype(cfg.dtype)
-    x_BTD = layers.constrain(x_BTD, layers.BTD)
+    embed_VD, x_BTD = self._embed(tokens_BT, positions_BT, token_types_BT)
 
     block = layers.block_class(cfg)
     # Decoding adds two inputs per layer: its KV slice (scanned over L) and the
@@ -194,25 +198,97 @@ class Transformer(nn.Module):
         kv_per_layer.append(kv)
       kv = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *kv_per_layer)
 
+    if logits_index_B is None and cfg.head == 'classifier':
+      logits_index_B = jnp.full((B,), T - 1 if cfg.causal else 0, jnp.int32)
     if logits_index_B is not None:
       x_BTD = jnp.take_along_axis(x_BTD, logits_index_B[:, None, None], axis=1)
-    x_BTD = layers.Norm(cfg, name='final_norm')(x_BTD)
+    if cfg.norm_position == 'pre':
+      x_BTD = layers.Norm(cfg, name='final_norm')(x_BTD)
+    if cfg.head == 'classifier':
+      logits_BTV = self._classify(x_BTD)
+    else:
+      logits_BTV = self._unembed(x_BTD, embed_VD)
+    logits_BTV = layers.constrain(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
+    if cache is None:
+      return logits_BTV
+    return logits_BTV, dict(cache, **kv)
+
+  def _embed(self, tokens_BT, positions_BT, token_types_BT):
+    """Token (+ learned position, + token type) embeddings; returns (table, x_BTD)."""
+    cfg = self.cfg
+    embed_init = nn.initializers.normal(cfg.init_std)
+    embed_VD = self.param(
+      'embedding',
+      nn.with_logical_partitioning(embed_init, ('vocab', 'embed')),
+      (cfg.vocab_size, cfg.d_model),
+      cfg.param_dtype,
+    )
+    # Gather the table over fsdp before the lookup (as FSDP does for every
+    # weight): XLA cannot partition a gather from a table split along D.
+    lookup_VD = nn.with_logical_constraint(embed_VD, ('vocab', None))
+    x_BTD = jnp.take(lookup_VD, tokens_BT, axis=0).astype(cfg.dtype)
+    if cfg.position == 'learned':
+      pos_PD = self.param(
+        'pos_embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, 'embed')),
+        (cfg.max_seq_len, cfg.d_model),
+        cfg.param_dtype,
+      )
+      pos_PD = nn.with_logical_constraint(pos_PD, (None, None))  # As for the table above.
+      x_BTD += jnp.take(pos_PD, positions_BT, axis=0).astype(cfg.dtype)
+    if cfg.type_vocab_size:
+      types_YD = self.param(
+        'type_embedding',
+        nn.with_logical_partitioning(embed_init, (None, 'embed')),
+        (cfg.type_vocab_size, cfg.d_model),
+        cfg.param_dtype,
+      )
+      types_YD = nn.with_logical_constraint(types_YD, (None, None))
+      if token_types_BT is None:
+        token_types_BT = jnp.zeros_like(tokens_BT)
+      x_BTD += jnp.take(types_YD, token_types_BT, axis=0).astype(cfg.dtype)
+    elif token_types_BT is not None:
+      raise ValueError('token_types_BT were given but model.type_vocab_size is 0.')
+    if cfg.norm_position == 'post':
+      x_BTD = layers.Norm(cfg, name='embed_norm')(x_BTD)
+    return embed_VD, layers.constrain(x_BTD, layers.BTD)
+
+  def _unembed(self, x_BTD, embed_VD):
+    """Vocabulary logits; the masked-LM head first applies BERT's transform."""
+    cfg = self.cfg
+    if cfg.head == 'mlm':
+      x_BTD = layers.Dense(cfg, cfg.d_model, name='mlm_dense')(x_BTD)
+      x_BTD = layers.activation(cfg, x_BTD)
+      x_BTD = layers.Norm(cfg, name='mlm_norm')(x_BTD)
     if cfg.tie_embeddings:
       unembed_DV = embed_VD.T
     else:
       unembed_DV = self.param(
         'unembed',
-        nn.with_logical_partitioning(embed_init, ('embed', 'vocab')),
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('embed', 'vocab')),
         (cfg.d_model, cfg.vocab_size),
         cfg.param_dtype,
       )
     logits_BTV = jnp.einsum(
       'BTD,DV->BTV', x_BTD, unembed_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
     )
-    logits_BTV = layers.constrain(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
-    if cache is None:
-      return logits_BTV
-    return logits_BTV, dict(cache, **kv)
+    if cfg.head == 'mlm':
+      bias_V = self.param(
+        'unembed_bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+        (cfg.vocab_size,),
+        cfg.param_dtype,
+      )
+      logits_BTV += bias_V
+    return logits_BTV
+
+  def _classify(self, x_B1D):
+    """Class logits [B, 1, C]; an encoder pools first (dense + tanh), as BERT."""
+    cfg = self.cfg
+    if not cfg.causal:
+      x_B1D = jnp.tanh(layers.Dense(cfg, cfg.d_model, name='pooler')(x_B1D))
+    logits = layers.Dense(cfg, cfg.num_labels, name='classifier')(x_B1D)
+    return logits.astype(jnp.float32)
 
 
 # Logical axis names of the KV cache: sharded like the activations.

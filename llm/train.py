@@ -84,8 +84,16 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
 
 
 def _loss_sums(params, batch, model: Transformer, z_loss: float):
+  """Every objective is a masked cross-entropy: next token (LM, SFT), chosen tokens
+  (MLM), or one label per row (classification: the batch's `logits_index` picks the
+  position, and targets and loss_mask are [B, 1])."""
   logits = model.apply(
-    {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids']
+    {'params': params},
+    batch['inputs'],
+    batch['positions'],
+    batch['segment_ids'],
+    logits_index_B=batch.get('logits_index'),
+    token_types_BT=batch.get('token_types'),
   )
   nll, z, tokens = cross_entropy(logits, batch['targets'], batch['loss_mask'], z_loss)
   return nll + z, (nll, tokens)
@@ -118,7 +126,9 @@ def train_step(
       lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
       batch,
     )
-    micro = nn.with_logical_constraint(micro, (None, 'act_batch', 'act_length'))
+    micro = jax.tree.map(
+      lambda x: nn.with_logical_constraint(x, (None, 'act_batch', 'act_length')[: x.ndim]), micro
+    )
 
     def accumulate(carry, mb):
       (_, (nll, tokens)), g = grad_fn(params, mb, model, z_loss)

@@ -25,7 +25,8 @@ def data_config() -> ml_collections.ConfigDict:
     dict(
       # 'synthetic' (a learnable token stream, no files), 'shakespeare' (the
       # default corpus), 'text_files', or a TFDS catalog name such as 'c4/en'
-      # (prepared as array_record in data_dir beforehand).
+      # (prepared as array_record in data_dir beforehand); 'sft' or
+      # 'classification' for fine-tuning from .jsonl files (below).
       dataset='synthetic',
       # Prepared datasets and tokenizers; a local path or gs://bucket/path.
       data_dir='data',
@@ -60,6 +61,25 @@ def data_config() -> ml_collections.ConfigDict:
       worker_count=0,
       # Synthetic stream: number of distinct random sequences that repeat.
       synthetic_num_sequences=64,
+      # 'lm' (next token) or 'mlm' (BERT masked LM, llm/data/mlm.py): each
+      # non-special token is chosen with mlm_probability; a chosen one becomes
+      # [MASK] (mlm_mask_fraction), a random id (mlm_random_fraction) or stays.
+      objective='lm',
+      mlm_probability=0.15,
+      mlm_mask_fraction=0.8,
+      mlm_random_fraction=0.1,
+      # Fine-tuning data, dataset='sft' (prompt/response or chat turns, loss on
+      # the responses; llm/data/sft.py) or 'classification' (text and label;
+      # llm/data/classification.py): comma-separated globs of .jsonl files,
+      # local or gs://, read whole. data.tokenizer must be given ('byte' or
+      # the pretrained model's).
+      train_files='',
+      eval_files='',
+      labels='',  # classification: class names in class-id order, e.g. 'negative,positive'.
+      # An example longer than a row: 'error' (stop, naming the line), 'left'
+      # (drop tokens from the start: SFT keeps the response), 'right' (drop
+      # from the end) or 'drop' (leave it out); see llm/data/examples.py.
+      truncation='error',
     )
   )
 
@@ -82,6 +102,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Peak FLOP/s per device for MFU; 0 looks the device up (accelerators) or
   # measures a matmul on the host (CPU).
   c.peak_flops = 0.0
+  # Fine-tuning: a training workdir (its newest checkpoint, or init_from_step),
+  # a params export or a Hugging Face model directory whose params start a run
+  # that has no checkpoint yet; the optimizer starts fresh at step 0. Params
+  # the model lacks are dropped, new ones (a classifier head) freshly
+  # initialised; see llm/finetune.py. A run with checkpoints resumes them.
+  c.init_from = ''
+  c.init_from_step = 0
   c.model = model_config()
   c.optim = ml_collections.ConfigDict(
     dict(

@@ -1,8 +1,9 @@
 """Published model shapes, as `ModelConfig` field overrides.
 
 Each entry reproduces the parameter count of the paper or release it names
-(checked in tests for GPT-2 124M and a Llama-2-7B shape). Experiments start from
-one of these and override what they need, e.g. `vocab_size` for their tokenizer.
+(checked in tests for GPT-2 124M, a Llama-2-7B shape and BERT base and large).
+Experiments start from one of these and override what they need, e.g.
+`vocab_size` for their tokenizer.
 """
 
 _GPT2 = dict(
@@ -68,6 +69,25 @@ LLAMA3_405B = dict(
   _LLAMA3, num_layers=126, d_model=16384, num_heads=128, num_kv_heads=8, d_ff=53248
 )
 
+# BERT (Devlin et al. 2019) as BertForMaskedLM: encoder, post-LN, WordPiece vocabulary (its
+# [MASK] included), two token types, and the masked-LM head (no pooler).
+_BERT = dict(
+  norm='layernorm',
+  norm_eps=1e-12,
+  norm_position='post',
+  mlp='gelu_exact',
+  position='learned',
+  use_bias=True,
+  tie_embeddings=True,
+  causal=False,
+  head='mlm',
+  vocab_size=30522,
+  max_seq_len=512,
+  type_vocab_size=2,
+)
+BERT_BASE = dict(_BERT, num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, d_ff=3072)
+BERT_LARGE = dict(_BERT, num_layers=24, d_model=1024, num_heads=16, num_kv_heads=16, d_ff=4096)
+
 PRESETS = {
   'gpt2_124m': GPT2_124M,
   'gpt2_355m': GPT2_355M,
@@ -79,6 +99,8 @@ PRESETS = {
   'llama3_8b': LLAMA3_8B,
   'llama3_70b': LLAMA3_70B,
   'llama3_405b': LLAMA3_405B,
+  'bert_base': BERT_BASE,
+  'bert_large': BERT_LARGE,
 }
 
 

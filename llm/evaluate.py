@@ -13,7 +13,10 @@ sums are taken over all hosts. Loss is the mean next-token NLL in nats,
 perplexity exp(loss). Bits per byte divides the summed NLL (in bits) by the
 UTF-8 bytes of text the target tokens stand for, so models with different
 tokenizers compare on the same text; EOS targets count in the NLL but stand
-for no bytes.
+for no bytes. With data.objective='mlm' the loss is over the masked tokens
+(llm/data/mlm.py; the masks are the same at every evaluation), `accuracy` is
+the fraction of them predicted exactly, and there are no bits per byte: a
+masked token is predicted from both sides, not from the text before it.
 
 Generation tasks: JSON lines with `prompt` and `reference`; the completions
 (greedy unless told otherwise) are scored with sacrebleu (corpus BLEU and
@@ -85,6 +88,7 @@ def loss_sums(params, batch: dict, bytes_V: jax.Array, *, cfg: ModelConfig) -> d
     'nll_sum': jnp.sum((log_z_BT - target_logit_BT) * mask_BT),
     'tokens': jnp.sum(mask_BT),
     'bytes': jnp.sum(bytes_V[batch['targets']] * mask_BT),
+    'correct': jnp.sum((jnp.argmax(logits_BTV, axis=-1) == batch['targets']) * mask_BT),
   }
 
 
@@ -150,7 +154,8 @@ def evaluate_split(
     vocab_size=cfg.vocab_size,
   )
   table = np.zeros((cfg.vocab_size,), np.int32)
-  if data_config.dataset != 'synthetic':
+  masked_lm = data_config.get('objective', 'lm') == 'mlm'
+  if data_config.dataset != 'synthetic' and not masked_lm:
     if tokenizer is None:
       from llm.data import tokenizer as data_tokenizer
 
@@ -159,19 +164,22 @@ def evaluate_split(
   if mesh is None:
     mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   fn = _loss_fn(cfg, mesh)
-  totals = np.zeros(3)
+  totals = np.zeros(4)
   n = 0
   with sharding.rules_context(mesh):
     table = jax.device_put(table, sharding.replicated(mesh))
     for host_batch in it:
       out = fn(params, sharding.global_batch(host_batch, mesh), table)
-      totals += [float(out['nll_sum']), float(out['tokens']), float(out['bytes'])]
+      totals += [float(out[k]) for k in ('nll_sum', 'tokens', 'bytes', 'correct')]
       n += 1
       if progress and n % 20 == 0:
         print(f'{split}: {n} batches, loss {totals[0] / max(totals[1], 1):.4f}', flush=True)
       if 0 < max_batches <= n:
         break
-  return {**summarize(*totals), 'batches': n}
+  out = {**summarize(*totals[:3]), 'batches': n}
+  if masked_lm:
+    out['accuracy'] = totals[3] / max(totals[1], 1.0)
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -422,7 +430,7 @@ def main(argv):
 
   FLAGS = flags.FLAGS
   try:
-    from llm import checkpoint
+    from llm import checkpoint, finetune, finetune_metrics
 
     # Bad task files stop the run before any work is done.
     generation = {
@@ -452,7 +460,14 @@ def main(argv):
         '(pass --config=experiments/NAME.py for it).',
         flush=True,
       )
-    if FLAGS.split and config is not None:
+    if FLAGS.split and config is not None and config['data']['dataset'] in finetune.DATASETS:
+      run = ml_collections.ConfigDict(config)  # Accuracy and macro-F1, or response-token loss.
+      run.batch_size, run.seq_len = FLAGS.batch_size or run.batch_size, FLAGS.seq_len or run.seq_len
+      summary['finetune'] = finetune_metrics.evaluate_config(
+        cfg, params, run, split=FLAGS.split, mesh=mesh, max_batches=FLAGS.max_batches
+      )
+      print(f'{FLAGS.split}: ' + json.dumps(summary['finetune']), flush=True)
+    elif FLAGS.split and config is not None:
       batch = FLAGS.batch_size or config['batch_size']
       seq_len = FLAGS.seq_len or config['seq_len']
       summary['lm'] = evaluate_split(

@@ -285,6 +285,12 @@ def generate_ids(
       array of rows to stop now (stop strings). Without it the whole decode
       is one device call.
   """
+  if cfg.head != 'lm' or not cfg.causal:
+    raise ValueError(
+      f'The model (model.head={cfg.head!r}, model.causal={cfg.causal}) is not a left-to-right '
+      "language model (head='lm', causal=True), so it cannot generate text; a masked-LM "
+      'encoder fills in [MASK] with `python -m llm.fill_mask`.'
+    )
   if max_new_tokens <= 0:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be positive.')
   check_prompts(cfg, prompts)

@@ -26,10 +26,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from llm import checkpoint, optim, sharding
+from llm import checkpoint, finetune, finetune_metrics, optim, sharding
 from llm import evaluate as evaluate_lib
 from llm import metrics as metrics_lib
-from llm.data import synthetic
+from llm.data import mlm, synthetic
 from llm.model import ModelConfig, Transformer
 
 State = dict  # {'params', 'opt_state', 'step'}
@@ -44,6 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   from experiments import base  # Experiments are configs; importing here keeps llm/ standalone.
 
   _check_keys(config, base.get_config(), '')
+  mlm.objective(config.data)  # A bad objective, or MLM on the synthetic stream, stops here.
   if config.data.dataset == 'synthetic' and config.eval_every > 0 and config.eval_steps <= 0:
     raise ValueError('The synthetic stream never ends: set eval_steps > 0 or eval_every=0.')
   if config.seq_len <= 0:
@@ -200,6 +201,8 @@ def init_state(model: Transformer, tx, batch_shape, mesh, rng, shardings: State)
 
 def make_iterator(config, split: str, *, model_cfg: ModelConfig, num_epochs=None) -> Iterator:
   """This host's batches of `split` for `config.data`."""
+  if config.data.dataset in finetune.DATASETS:
+    return finetune.make_iterator(config, split, model_cfg=model_cfg, num_epochs=num_epochs)
   if config.data.dataset == 'synthetic':
     return synthetic.SyntheticIterator(
       vocab_size=model_cfg.vocab_size,
@@ -294,7 +297,16 @@ class Trainer:
     train_iter = make_iterator(self.config, 'train', model_cfg=self.model_cfg)
     step = ckpt.latest_step()
     if step is None:
-      return self.init_state(), train_iter
+      state = self.init_state()
+      if self.config.init_from:  # Fine-tuning: pretrained params, fresh optimizer state.
+        state['params'] = finetune.init_params(
+          state['params'],
+          self.config.init_from,
+          step=self.config.init_from_step,
+          model_cfg=self.model_cfg,
+          shardings=self.shardings['params'],
+        )
+      return state, train_iter
     saved = ckpt.saved_config(step)
     checkpoint.check_compatible(saved['model'], self.model_cfg, ckpt.directory / str(step))
     state, data_state = ckpt.restore(step, self.abstract_state(), self.shardings)
@@ -309,6 +321,10 @@ class Trainer:
   def evaluate(self, params) -> dict:
     """Loss, perplexity and bits per byte over `eval_steps` validation batches (<= 0: all)."""
     c = self.config
+    if c.data.dataset in finetune.DATASETS:  # Response-token loss; accuracy and macro-F1.
+      return finetune_metrics.evaluate_config(
+        self.model_cfg, params, c, mesh=self.mesh, max_batches=max(c.eval_steps, 0)
+      )
     return evaluate_lib.evaluate_split(
       self.model_cfg,
       params,

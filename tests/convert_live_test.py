@@ -144,6 +144,60 @@ def test_ours_to_transformers(name, dtype, tmp_path):
   np.testing.assert_allclose(_theirs(str(tmp_path), ids), _ours(cfg, params, ids), atol=1e-4)
 
 
+BERT_CASES = {
+  'bert_wide_tanh_gelu': lambda: fx.bert_config(
+    V,
+    hidden_size=48,
+    num_attention_heads=6,
+    num_hidden_layers=3,
+    intermediate_size=80,
+    hidden_act='gelu_new',
+    layer_norm_eps=1e-6,
+  ),
+  'bert_untied_one_type': lambda: fx.bert_config(V, type_vocab_size=1, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BERT_CASES))
+def test_bert_hf_to_ours_to_hf(name, tmp_path):
+  """BertForMaskedLM with padding: the same logits both ways and identical tensors."""
+  src, out = str(tmp_path / 'src'), str(tmp_path / 'out')
+  config = BERT_CASES[name]()
+  model = fx.build_model(src, config, seed=9, auto=transformers.AutoModelForMaskedLM)
+  rng = np.random.RandomState(10)
+  batch = dict(
+    input_ids=rng.randint(0, V, (2, 12)),
+    attention_mask=np.ones((2, 12), np.int64),
+    token_type_ids=rng.randint(0, config.type_vocab_size, (2, 12)),
+  )
+  batch['attention_mask'][1, 7:] = 0
+  real = batch['attention_mask'] == 1
+  cfg, params = hf.load(src)
+  ours = np.asarray(
+    _apply(cfg)(
+      {'params': params},
+      batch['input_ids'].astype(np.int32),
+      segment_ids_BT=batch['attention_mask'].astype(np.int32),
+      token_types_BT=batch['token_type_ids'].astype(np.int32),
+    )
+  )
+  np.testing.assert_allclose(ours[real], fx.bert_logits(model, batch)[real], atol=1e-4, rtol=0)
+
+  hf.save(cfg, params, out)
+  before, after = _tensors(src), _tensors(out)
+  assert sorted(before) == sorted(after)
+  for n, w in before.items():
+    # Untied, transformers 5 computes with the decoder's bias and leaves this one unused;
+    # export writes the decoder's under both names.
+    if n == 'cls.predictions.bias' and not config.tie_word_embeddings:
+      w = before['cls.predictions.decoder.bias']
+    np.testing.assert_array_equal(after[n], w, err_msg=n)
+  theirs = transformers.AutoModelForMaskedLM.from_pretrained(
+    out, dtype=torch.float32, attn_implementation='eager'
+  )
+  np.testing.assert_allclose(fx.bert_logits(theirs.eval(), batch)[real], ours[real], atol=1e-4)
+
+
 def test_tokenizers_survive_import_and_export(tmp_path):
   """HF dir -> params checkpoint -> HF dir: transformers reads the same ids as ours."""
   for kind, train in (('bpe', fx.train_byte_bpe), ('sp', fx.train_sentencepiece)):

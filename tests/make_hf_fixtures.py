@@ -4,7 +4,8 @@ The conversion tests compare our logits and token ids against what
 transformers produces; CI has no torch, so this script records them once:
 
   pip install torch==2.13.0 transformers sentencepiece protobuf  # a separate env is fine
-  python tests/make_hf_fixtures.py
+  python tests/make_hf_fixtures.py        # everything
+  python tests/make_hf_fixtures.py bert   # only bert_tiny* (the others stay as they are)
 
 It writes, from fixed seeds and no downloads:
 
@@ -16,6 +17,12 @@ It writes, from fixed seeds and no downloads:
               tokenizer trained here (tokenizer.model), Llama 2 settings.
   *_expected.npz    input_ids [2, 16] and the model's float32 logits.
   tokenizer_cases.json  awkward strings and the reference ids for each tokenizer.
+  bert_tiny/  BertForMaskedLM (2 layers, post-LayerNorm, token types, tied decoder
+              with its bias) and a lowercasing WordPiece tokenizer over a small
+              hand-written vocabulary (tokenizer.json, and the same as vocab.txt).
+  bert_tiny_expected.npz  input_ids, attention_mask (right padding) and
+              token_type_ids [3, 12], and the model's float32 MLM logits.
+  bert_tiny_cases.json  strings ([MASK] among them) and transformers' ids for them.
 
 Every weight, norm scales and biases included, is redrawn at random so that a
 swapped or mis-laid-out tensor changes the logits. The live test
@@ -31,7 +38,15 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+  Tokenizer,
+  decoders,
+  implementations,
+  models,
+  pre_tokenizers,
+  processors,
+  trainers,
+)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf')
 
@@ -148,14 +163,16 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.15) -> None:
   gen = torch.Generator().manual_seed(seed)
   for name, p in sorted(model.named_parameters()):
     noise = torch.randn(p.shape, generator=gen) * std
-    is_norm_scale = ('norm' in name or '.ln_' in name) and name.endswith('weight')
+    is_norm_scale = ('norm' in name.lower() or '.ln_' in name) and name.endswith('weight')
     p.copy_(1.0 + noise if is_norm_scale else noise)
 
 
-def build_model(out_dir: str, config, seed: int, max_shard_size=None) -> torch.nn.Module:
-  """A randomly initialised causal LM from `config`, saved as safetensors into `out_dir`."""
+def build_model(
+  out_dir: str, config, seed: int, max_shard_size=None, auto=transformers.AutoModelForCausalLM
+) -> torch.nn.Module:
+  """A randomly initialised model (`auto`: a causal LM) from `config`, saved as safetensors."""
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager')
+  model = auto.from_config(config, attn_implementation='eager')
   randomize_(model, seed)
   model.eval()
   kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
@@ -166,6 +183,12 @@ def build_model(out_dir: str, config, seed: int, max_shard_size=None) -> torch.n
 @torch.no_grad()
 def logits(model: torch.nn.Module, input_ids: np.ndarray) -> np.ndarray:
   return model(torch.from_numpy(input_ids)).logits.float().numpy()
+
+
+@torch.no_grad()
+def bert_logits(model: torch.nn.Module, batch: dict[str, np.ndarray]) -> np.ndarray:
+  """MLM logits for input_ids with attention_mask and token_type_ids."""
+  return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
 
 
 def input_ids(vocab_size: int, seed: int, shape=(2, 16)) -> np.ndarray:
@@ -207,6 +230,100 @@ def llama_config(vocab_size: int, **overrides) -> transformers.LlamaConfig:
   return transformers.LlamaConfig(**fields)
 
 
+def bert_config(vocab_size: int, **overrides) -> transformers.BertConfig:
+  fields = dict(
+    vocab_size=vocab_size,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+  )
+  fields.update(overrides)
+  return transformers.BertConfig(**fields)
+
+
+# A hand-written WordPiece vocabulary (trained ones differ from run to run):
+# specials, characters and their continuations, then whole words and pieces.
+_BERT_WORDS = (
+  'hello my dog cat is are cute happy and the a quick brown fox jumps over lazy to be or not '
+  'that question language model models text of in it was said what we but works '
+  'un ##believ ##able ##ly ##s ##ing ##ed ##er ##es lang ##ua ##ge'
+)
+# What the BERT tokenizer is checked on: [MASK] and the other specials inside
+# text, case and accents (lowercased and stripped), CJK (split per character),
+# unknown characters, whitespace runs and continuation pieces.
+BERT_STRINGS = [
+  'Hello, my dog is [MASK].',
+  '[MASK] [MASK]dog is[MASK]',
+  '[CLS] hello [SEP] world [PAD]',
+  'HELLO Café naïve résumé',
+  '日本語 text',
+  'rare symbols ∮ ⊕ ℵ',
+  '  spaces\tand\nnewlines  ',
+  'unbelievably languages',
+  '',
+]
+
+
+def make_wordpiece(out_dir: str) -> transformers.PreTrainedTokenizerBase:
+  """A lowercasing BERT WordPiece tokenizer: tokenizer.json and the same vocab.txt."""
+  chars = [chr(c) for c in range(ord('a'), ord('z') + 1)] + list('0123456789!"\'(),-.:;?')
+  pieces = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', *chars, *(f'##{c}' for c in chars)]
+  pieces += [w for w in _BERT_WORDS.split() if w not in pieces]
+  tok = implementations.BertWordPieceTokenizer({p: i for i, p in enumerate(pieces)}, lowercase=True)
+  hf_tok = transformers.BertTokenizerFast(tokenizer_object=tok._tokenizer)
+  hf_tok.save_pretrained(out_dir)
+  tok.save_model(out_dir)  # vocab.txt
+  return transformers.AutoTokenizer.from_pretrained(out_dir)
+
+
+def bert_batch(tok: transformers.PreTrainedTokenizerBase, seed: int, length: int = 12) -> dict:
+  """Three rows: a sentence with [MASK] and right padding, a padded sentence pair (token
+  types 0 and 1), and random ids and token types without padding."""
+  pad = dict(padding='max_length', max_length=length, truncation=True, return_tensors='np')
+  rows = [
+    tok('Hello, my dog is [MASK].', **pad),
+    tok('my dog is cute', 'hello [MASK]', **pad),
+  ]
+  rng = np.random.RandomState(seed)
+  rows.append(
+    dict(
+      input_ids=rng.randint(0, len(tok), (1, length)),
+      token_type_ids=rng.randint(0, 2, (1, length)),
+      attention_mask=np.ones((1, length)),
+    )
+  )
+  names = ('input_ids', 'attention_mask', 'token_type_ids')
+  return {n: np.concatenate([r[n] for r in rows]).astype(np.int64) for n in names}
+
+
+def make_bert() -> None:
+  """bert_tiny/, bert_tiny_expected.npz and bert_tiny_cases.json."""
+  bert_dir = os.path.join(FIXTURES, 'bert_tiny')
+  shutil.rmtree(bert_dir, ignore_errors=True)
+  tok = make_wordpiece(bert_dir)
+  config = bert_config(len(tok))
+  model = build_model(bert_dir, config, seed=5, auto=transformers.AutoModelForMaskedLM)
+  batch = bert_batch(tok, seed=6)
+  np.savez(
+    os.path.join(FIXTURES, 'bert_tiny_expected.npz'), logits=bert_logits(model, batch), **batch
+  )
+  cases = dict(strings=BERT_STRINGS, **hf_token_cases(tok, BERT_STRINGS))
+  # A directory with only vocab.txt (as older BERT releases ship) gives the same ids.
+  vocab_dir = os.path.join(FIXTURES, 'bert_vocab_only.tmp')
+  os.makedirs(vocab_dir)
+  shutil.copy(os.path.join(bert_dir, 'vocab.txt'), vocab_dir)
+  vocab_only = transformers.BertTokenizer.from_pretrained(vocab_dir)
+  shutil.rmtree(vocab_dir)
+  assert [vocab_only.encode(s) for s in BERT_STRINGS] == cases['ids_with_special']
+  with open(os.path.join(FIXTURES, 'bert_tiny_cases.json'), 'w') as f:
+    json.dump(cases, f, indent=1, ensure_ascii=False)
+
+
 def hf_token_cases(tok: transformers.PreTrainedTokenizerBase, strings: list[str]) -> dict:
   """Ids with and without special tokens, and decodes, as transformers gives them."""
   ids = [tok.encode(s, add_special_tokens=False) for s in strings]
@@ -228,7 +345,10 @@ def sentencepiece_cases(sp: spm.SentencePieceProcessor, strings: list[str]) -> d
   )
 
 
-def main():
+def main(argv):
+  if argv[1:] == ['bert']:
+    make_bert()
+    return
   shutil.rmtree(FIXTURES, ignore_errors=True)
   os.makedirs(FIXTURES)
   cases = dict(strings=AWKWARD_STRINGS)
@@ -261,6 +381,7 @@ def main():
   ]
   with open(os.path.join(FIXTURES, 'tokenizer_cases.json'), 'w') as f:
     json.dump(cases, f, indent=1, ensure_ascii=False)
+  make_bert()
 
   total = sum(
     os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(FIXTURES) for n in names
@@ -269,4 +390,6 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  import sys
+
+  main(sys.argv)

@@ -43,6 +43,12 @@ def test_llama2_7b_parameter_count():
   assert model_lib.count_params(ModelConfig(**presets.LLAMA2_7B)) == 6_738_415_616
 
 
+@pytest.mark.parametrize('preset, count', [('bert_base', 109_514_298), ('bert_large', 335_174_458)])
+def test_bert_parameter_counts_match_hugging_face_bert_for_masked_lm(preset, count):
+  # Counted on transformers' BertForMaskedLM(BertConfig(...)): no pooler, decoder tied.
+  assert model_lib.count_params(ModelConfig(**presets.get(preset))) == count
+
+
 @pytest.mark.parametrize('cfg', [GPT, LLAMA], ids=['gpt', 'llama'])
 def test_changing_a_token_changes_no_earlier_logit(cfg):
   params, tokens = _init(cfg)

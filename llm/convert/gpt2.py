@@ -19,6 +19,8 @@ from llm.model import ModelConfig
 
 ARCHITECTURE = 'GPT2LMHeadModel'
 MODEL_TYPE = 'gpt2'
+# Token ids that config.json records on export.
+SPECIAL_TOKEN_IDS = ('bos', 'eos', 'pad')
 
 # Activations Hugging Face GPT-2 may name that equal our tanh-approximate GELU.
 _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
@@ -80,6 +82,9 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
       ('mlp', 'gelu'),
       ('position', 'learned'),
       ('causal', True),
+      ('norm_position', 'pre'),
+      ('type_vocab_size', 0),
+      ('head', 'lm'),
       ('num_kv_heads', cfg.num_heads),
     )
     if getattr(cfg, field) != want

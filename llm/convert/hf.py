@@ -2,9 +2,10 @@
 
 A directory is `config.json` plus `model.safetensors` (or shards named by
 `model.safetensors.index.json`) plus tokenizer files. Supported architectures
-are `GPT2LMHeadModel` (`llm/convert/gpt2.py`) and `LlamaForCausalLM`
-(`llm/convert/llama.py`); each family module maps tensor names and layouts both
-ways. This module does what is common: it checks the tensor inventory before
+are `GPT2LMHeadModel` (`llm/convert/gpt2.py`), `LlamaForCausalLM`
+(`llm/convert/llama.py`) and `BertForMaskedLM` (`llm/convert/bert.py`, which
+also reads BertForPreTraining); each family module maps tensor names and
+layouts both ways. This module does what is common: it checks the tensor inventory before
 reading any data, converts one tensor at a time into preallocated arrays (so a
 large model is held once, plus one tensor), and writes shard by shard.
 
@@ -22,12 +23,13 @@ import numpy as np
 import tqdm
 
 from llm import model as model_lib
-from llm.convert import gpt2, llama, safetensors_io
+from llm.convert import bert, gpt2, llama, safetensors_io
 from llm.convert import tokenizer as tokenizer_lib
 from llm.model import ModelConfig
 
-FAMILIES = {m.ARCHITECTURE: m for m in (gpt2, llama)}
-_BY_MODEL_TYPE = {m.MODEL_TYPE: m for m in (gpt2, llama)}
+_MODULES = (gpt2, llama, bert)
+FAMILIES = {m.ARCHITECTURE: m for m in _MODULES} | dict.fromkeys(bert.OTHER_ARCHITECTURES, bert)
+_BY_MODEL_TYPE = {m.MODEL_TYPE: m for m in _MODULES}
 # ModelConfig fields that change how the model runs, not what it computes.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention_impl', 'max_seq_len')
 _NP_DTYPES = {
@@ -175,7 +177,7 @@ def _zeros_like(shapes: dict, dtype) -> dict:
 
 
 def _export_family(cfg: ModelConfig):
-  reasons = {m: m.check_exportable(cfg) for m in (gpt2, llama)}
+  reasons = {m: m.check_exportable(cfg) for m in _MODULES}
   for family, why in reasons.items():
     if not why:
       return family
@@ -222,7 +224,7 @@ def save(
   """Exports (cfg, params) as a Hugging Face model directory that `from_pretrained` loads.
 
   Args:
-    cfg: the model's config; picks GPT2LMHeadModel or LlamaForCausalLM.
+    cfg: the model's config; picks GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM.
     params: boxed or unboxed, scan or unrolled layout, numpy or jax arrays.
     hf_dir: created if needed; must not already hold a model.
     tokenizer: a `load_tokenizer` result or a directory holding Hugging Face
@@ -247,7 +249,8 @@ def save(
 
   def get(path: tuple, layer: int | None) -> np.ndarray:
     full = path if layer is None else ('layers', *path)
-    if not cfg.use_bias and path[-1].endswith('_bias'):
+    # Only the use_bias biases can be absent (the MLM head's unembed_bias never is).
+    if not cfg.use_bias and path[-1].endswith('_bias') and path[-1] != 'unembed_bias':
       shape = _leaf(zero_shapes, full).shape
       return np.zeros(shape if layer is None else shape[1:], np_dtype)
     if layer is None:
@@ -276,9 +279,10 @@ def save(
       ('eos', eos[0] if len(eos) == 1 else eos),
       ('pad', tokenizer.pad_id if tokenizer.has_pad else -1),
     ):
-      hf[f'{name}_token_id'] = None if value == -1 else value
+      if name in family.SPECIAL_TOKEN_IDS:
+        hf[f'{name}_token_id'] = None if value == -1 else value
   else:
-    hf.update(bos_token_id=None, eos_token_id=None)
+    hf.update({f'{name}_token_id': None for name in family.SPECIAL_TOKEN_IDS if name != 'pad'})
   os.makedirs(hf_dir, exist_ok=True)
   tensors = tqdm.tqdm(
     family.to_hf(cfg, get, biases), desc=f'Exporting {hf_dir}', unit='tensor', disable=None

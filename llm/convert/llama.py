@@ -23,6 +23,8 @@ from llm.model import ModelConfig
 
 ARCHITECTURE = 'LlamaForCausalLM'
 MODEL_TYPE = 'llama'
+# Token ids that config.json records on export.
+SPECIAL_TOKEN_IDS = ('bos', 'eos', 'pad')
 
 _LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
 _BUFFERS = re.compile(r'rotary_emb\.inv_freq$')
@@ -96,6 +98,9 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
       ('mlp', 'swiglu'),
       ('position', 'rope'),
       ('causal', True),
+      ('norm_position', 'pre'),
+      ('type_vocab_size', 0),
+      ('head', 'lm'),
     )
     if getattr(cfg, field) != want
   ]

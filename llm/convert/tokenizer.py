@@ -1,12 +1,15 @@
 """Hugging Face tokenizers, read from the files of a model directory.
 
-Two kinds of directory exist: fast tokenizers (`tokenizer.json`, run by the
-`tokenizers` package exactly as transformers runs them) and sentencepiece
-models (`tokenizer.model`, e.g. Llama 2). `tokenizer.json` wins when both are
-present, as it does in transformers. Both wrappers speak the project's
-tokenizer protocol (`llm/data/tokenizer.py`): `encode(text) -> list[int]`,
-`encode_array(text)`, `decode(ids) -> str`, `vocab_size`, `pad_id`, `bos_id`,
-`eos_id`; they pickle, for grain's worker processes.
+Three kinds of directory exist: fast tokenizers (`tokenizer.json`, run by the
+`tokenizers` package exactly as transformers runs them), sentencepiece
+models (`tokenizer.model`, e.g. Llama 2), and BERT WordPiece vocabularies
+(`vocab.txt` only, as older BERT releases ship; built into the same fast
+tokenizer that transformers' BertTokenizerFast builds from it).
+`tokenizer.json` wins when several are present, as it does in transformers.
+The wrappers speak the project's tokenizer protocol (`llm/data/tokenizer.py`):
+`encode(text) -> list[int]`, `encode_array(text)`, `decode(ids) -> str`,
+`vocab_size`, `pad_id`, `bos_id`, `eos_id`; they pickle, for grain's worker
+processes.
 
 `encode` adds no BOS/EOS by default, because the input pipeline and generation
 add them explicitly; `add_special_tokens=True` gives what transformers'
@@ -14,6 +17,12 @@ add them explicitly; `add_special_tokens=True` gives what transformers'
 none. GPT-2 and Llama define no padding token; `pad_id` is then `eos_id`, as is
 usual with transformers: padded positions are masked out, so any valid id does,
 and a valid one keeps embedding lookups in range.
+
+BERT-style tokenizers name no BOS/EOS but [CLS] and [SEP]: those serve as
+`bos_id` / `eos_id`, so the input pipeline's [bos] text [eos] documents are
+BERT's [CLS] text [SEP]. `cls_id`, `sep_id` and `mask_id` are the ids of those
+tokens, None when the tokenizer has none (masked-LM data and fill-mask then use
+an id past the vocabulary, as for the project's own tokenizers).
 """
 
 import json
@@ -33,10 +42,14 @@ FILES = (
   'added_tokens.json',
   'vocab.json',
   'merges.txt',
+  'vocab.txt',
   'chat_template.jinja',
   'generation_config.json',
 )
 _SPECIALS = ('bos', 'eos', 'pad', 'unk')
+_BERT_SPECIALS = ('cls', 'sep', 'mask')
+# BertTokenizer's defaults, which configs such as bert-base-uncased's do not repeat.
+_WORDPIECE_DEFAULTS = dict(unk='[UNK]', sep='[SEP]', cls='[CLS]', pad='[PAD]', mask='[MASK]')
 
 
 def _read_json(path: str) -> dict:
@@ -52,18 +65,22 @@ def _token_text(value) -> str | None:
 
 
 def _special_ids(hf_dir: str, token_to_id, defaults: dict[str, int]) -> dict[str, int]:
-  """bos/eos/pad/unk ids: named tokens in the tokenizer configs first, then config.json ids."""
+  """bos/eos/pad/unk/cls/sep/mask ids (-1: none): named tokens in the tokenizer configs
+  first, then config.json ids; [CLS] and [SEP] stand in for a missing BOS and EOS."""
   tok_cfg = _read_json(os.path.join(hf_dir, 'special_tokens_map.json'))
   tok_cfg.update(_read_json(os.path.join(hf_dir, 'tokenizer_config.json')))
   model_cfg = _read_json(os.path.join(hf_dir, 'config.json'))
   ids = {}
-  for name in _SPECIALS:
+  for name in _SPECIALS + _BERT_SPECIALS:
     text = _token_text(tok_cfg.get(f'{name}_token'))
     found = token_to_id(text) if text else None
     if found is None:
       found = model_cfg.get(f'{name}_token_id')
       found = found[0] if isinstance(found, list) else found
     ids[name] = defaults.get(name, -1) if found is None else int(found)
+  for name, stand_in in (('bos', 'cls'), ('eos', 'sep')):
+    if ids[name] < 0:
+      ids[name] = ids[stand_in]
   return ids
 
 
@@ -85,6 +102,9 @@ class _Base:
     self.source_dir = hf_dir
     self.vocab_size = vocab_size
     self.bos_id, self.eos_id, self.pad_id, self.unk_id = (ids[n] for n in _SPECIALS)
+    self.cls_id, self.sep_id, self.mask_id = (
+      ids[n] if ids[n] >= 0 else None for n in _BERT_SPECIALS
+    )
     self.has_pad = self.pad_id >= 0
     if not self.has_pad:
       self.pad_id = max(self.eos_id, 0)
@@ -104,12 +124,29 @@ class _Base:
 
 
 class FastTokenizer(_Base):
-  """A `tokenizer.json`, run by the `tokenizers` package."""
+  """A `tokenizer.json` (or a BERT `vocab.txt`), run by the `tokenizers` package."""
 
   def __init__(self, hf_dir: str):
-    self._tok = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, 'tokenizer.json'))
-    ids = _special_ids(hf_dir, self._tok.token_to_id, {})
+    path = os.path.join(hf_dir, 'tokenizer.json')
+    if os.path.exists(path):
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    else:
+      self._tok = _wordpiece_from_vocab(hf_dir)
+    defaults = {}
+    if isinstance(self._tok.model, tokenizers.models.WordPiece):
+      found = {n: self._tok.token_to_id(t) for n, t in _WORDPIECE_DEFAULTS.items()}
+      defaults = {n: i for n, i in found.items() if i is not None}
+    ids = _special_ids(hf_dir, self._tok.token_to_id, defaults)
     super().__init__(hf_dir, self._tok.get_vocab_size(with_added_tokens=True), ids)
+    added = self._tok.get_added_tokens_decoder()
+    named = (self.bos_id, self.eos_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+    named += (self.pad_id,) * self.has_pad
+    # Ids that are never text (masked-LM data never masks or draws them).
+    self.special_ids = tuple(
+      sorted(
+        {i for i in named if i is not None and i >= 0} | {i for i, t in added.items() if t.special}
+      )
+    )
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -118,6 +155,35 @@ class FastTokenizer(_Base):
     # Special tokens are skipped by default, as sentencepiece does. No
     # clean_up_tokenization_spaces: transformers 5 skips it for BPE, as it corrupts text.
     return self._tok.decode(self._valid(ids), skip_special_tokens=skip_special_tokens)
+
+  def id_to_token(self, i: int) -> str | None:
+    """The vocabulary entry of one id (e.g. '##ing'), None past the vocabulary."""
+    return self._tok.id_to_token(int(i))
+
+
+def _wordpiece_from_vocab(hf_dir: str) -> tokenizers.Tokenizer:
+  """BERT's tokenizer from `vocab.txt` and tokenizer_config.json, as BertTokenizerFast builds it.
+
+  The settings default to BertTokenizer's: lowercase, accents stripped when
+  lowercasing, Chinese characters split, '##' continuations, [CLS] x [SEP].
+  """
+  from tokenizers import implementations  # Late: only vocab.txt directories need it.
+
+  tok_cfg = _read_json(os.path.join(hf_dir, 'special_tokens_map.json'))
+  tok_cfg.update(_read_json(os.path.join(hf_dir, 'tokenizer_config.json')))
+  names = {
+    f'{n}_token': _token_text(tok_cfg.get(f'{n}_token')) or default
+    for n, default in _WORDPIECE_DEFAULTS.items()
+  }
+  bert = implementations.BertWordPieceTokenizer(
+    os.path.join(hf_dir, 'vocab.txt'),
+    clean_text=True,
+    handle_chinese_chars=tok_cfg.get('tokenize_chinese_chars', True),
+    strip_accents=tok_cfg.get('strip_accents'),
+    lowercase=tok_cfg.get('do_lower_case', True),
+    **names,
+  )
+  return bert._tokenizer  # The plain Tokenizer: it pickles, the wrapper class does not.
 
 
 class SentencePieceTokenizer(_Base):
@@ -152,9 +218,12 @@ class SentencePieceTokenizer(_Base):
     return self._sp.decode(self._valid(ids))
 
 
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.txt')
+
+
 def exists(hf_dir: str) -> bool:
   """Whether `hf_dir` holds a tokenizer that `load` reads."""
-  return any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'tokenizer.model'))
+  return any(os.path.exists(os.path.join(hf_dir, n)) for n in _TOKENIZER_FILES)
 
 
 def load(hf_dir: str) -> FastTokenizer | SentencePieceTokenizer:
@@ -163,9 +232,11 @@ def load(hf_dir: str) -> FastTokenizer | SentencePieceTokenizer:
     return FastTokenizer(hf_dir)
   if os.path.exists(os.path.join(hf_dir, 'tokenizer.model')):
     return SentencePieceTokenizer(hf_dir)
+  if os.path.exists(os.path.join(hf_dir, 'vocab.txt')):
+    return FastTokenizer(hf_dir)
   raise FileNotFoundError(
-    f'{hf_dir} has no tokenizer: expected tokenizer.json (tokenizers) or tokenizer.model '
-    '(sentencepiece).'
+    f'{hf_dir} has no tokenizer: expected tokenizer.json (tokenizers), tokenizer.model '
+    '(sentencepiece) or vocab.txt (BERT WordPiece).'
   )
 
 

@@ -11,6 +11,12 @@ The stream, per host:
   -> rows_per_host rows per batch; a short last batch is padded with empty rows
   -> prefetched by a background thread (or worker processes)
 
+Masked language modelling (data.objective='mlm', see llm/data/mlm.py): a
+document is [bos] + text + [eos] with inputs = targets = those ids (bos and
+eos play BERT's [CLS] and [SEP]); each packed row is then masked, with a
+generator seeded by (seed, host, row number), and loss_mask marks only the
+chosen tokens.
+
 Row layout. Documents follow each other in a row; `segment_ids` number them
 1, 2, ... (0 is padding) and `positions` restart at 0 at each, so attention
 and the loss never cross documents. A document longer than what is left of a
@@ -36,7 +42,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from llm.data import sources, synthetic, tokenizer
+from llm.data import mlm, sources, synthetic, tokenizer
 
 _PACKED = ('inputs', 'targets')
 
@@ -74,6 +80,7 @@ def make_iterator(
   if process_count is None:
     process_count = jax.process_count()
   _check_sizes(batch_size, seq_len, process_count, num_epochs)
+  objective = mlm.objective(data_config)
   if data_config.dataset == 'synthetic':
     if vocab_size is None:
       raise ValueError("data.dataset='synthetic' needs make_iterator(vocab_size=...).")
@@ -93,6 +100,9 @@ def make_iterator(
       f'model.vocab_size={vocab_size} is smaller than the tokenizer '
       f'({tok.vocab_size} ids); set model.vocab_size >= {tok.vocab_size}.'
     )
+  masking = mlm.settings(data_config, tok) if objective == 'mlm' else None
+  if masking is not None and vocab_size is not None:
+    mlm.check_vocab(vocab_size, masking)
   split = {'train': data_config.train_split, 'validation': data_config.eval_split}.get(split, split)
   source = sources.data_source(data_config, split, allow_prepare=process_count == 1)
   dataset = build(
@@ -109,6 +119,7 @@ def make_iterator(
     read_threads=data_config.read_threads,
     prefetch_batches=data_config.prefetch_batches,
     worker_count=data_config.worker_count,
+    masking=masking,
   )
   stream = dict(
     dataset=data_config.dataset,
@@ -120,6 +131,9 @@ def make_iterator(
     process_index=process_index,
     process_count=process_count,
   )
+  if masking is not None:
+    # Only here, so that LM states saved before the objective existed still resume.
+    stream['objective'] = objective
   return Iterator(dataset, stream, copy=data_config.worker_count > 0)
 
 
@@ -151,6 +165,7 @@ def build(
   read_threads: int = 4,
   prefetch_batches: int = 4,
   worker_count: int = 0,
+  masking: mlm.MlmSettings | None = None,
 ) -> grain.IterDataset:
   """The grain dataset of this host's batches from any random-access `source` of records.
 
@@ -159,6 +174,10 @@ def build(
   keeping its rows of every global batch: hosts reading only their slices would
   run out after different numbers of batches, and the first host to stop would
   leave the others waiting forever in the collective eval step.
+
+  With `masking` settings the rows are masked for masked language modelling. The
+  masking seed leaves out the host when every host reads the whole stream, so
+  all of them mask each row alike.
   """
   n = len(source)
   whole = num_epochs is not None and process_count > 1
@@ -176,7 +195,7 @@ def build(
     ds = ds.shuffle(seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(functools.partial(_tokenize, tok=tok, field=field))
+  ds = ds.map(functools.partial(_tokenize, tok=tok, field=field, shift=masking is None))
   it = ds.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 4 * rows))
   )
@@ -184,14 +203,13 @@ def build(
     it, length_struct={k: seq_len for k in _PACKED}
   )
   it = it.map(_row)
-  if whole:
-    it = it.batch(
-      rows * process_count, batch_fn=functools.partial(_stack, rows=rows * process_count)
-    )
-    mine = slice(process_index * rows, (process_index + 1) * rows)
-    it = it.map(functools.partial(_take_rows, rows=mine))
-  else:
-    it = it.batch(rows, batch_fn=functools.partial(_stack, rows=rows))
+  if masking is not None:
+    # grain seeds each row's generator from (seed, row number) and checkpoints the number.
+    seed_for_masks = mlm.stream_seed(seed, 0 if whole else process_index)
+    it = it.random_map(functools.partial(_mask_row, settings=masking), seed=seed_for_masks)
+  it = batch_rows(
+    it, rows=rows, process_index=process_index, process_count=process_count, whole=whole
+  )
   if worker_count > 0:
     # grain's workers are spawned processes; outside absl.app.run, flags must look parsed.
     if not flags.FLAGS.is_parsed():
@@ -200,9 +218,11 @@ def build(
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
 
 
-def _tokenize(record, *, tok, field: str) -> dict[str, np.ndarray]:
+def _tokenize(record, *, tok, field: str, shift: bool = True) -> dict[str, np.ndarray]:
   ids = tok.encode_array(sources.record_text(record, field))
   tokens = np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)
+  if not shift:  # Masked LM: the model sees (a masked copy of) the tokens it predicts.
+    return {'inputs': tokens, 'targets': tokens}
   return {'inputs': tokens[:-1], 'targets': tokens[1:]}
 
 
@@ -217,15 +237,37 @@ def _row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
+def _mask_row(row: dict[str, np.ndarray], rng, *, settings) -> dict[str, np.ndarray]:
+  inputs, targets, loss_mask = mlm.mask_tokens(row['targets'], row['segment_ids'], rng, settings)
+  return {**row, 'inputs': inputs, 'targets': targets, 'loss_mask': loss_mask}
+
+
+def batch_rows(
+  it: grain.IterDataset, *, rows: int, process_index: int, process_count: int, whole: bool
+) -> grain.IterDataset:
+  """Batches of this host's `rows` rows; a short final batch gets all-zero rows.
+
+  All-zero rows are padding everywhere: segment 0, loss mask 0. With `whole`
+  (a finite stream that every host reads entirely, see `build`) the batches
+  are global and each host keeps its slice of every one.
+  """
+  total = rows * process_count if whole else rows
+  it = it.batch(total, batch_fn=functools.partial(_stack, rows=total))
+  if whole:
+    mine = slice(process_index * rows, (process_index + 1) * rows)
+    it = it.map(functools.partial(_take_rows, rows=mine))
+  return it
+
+
 def _take_rows(batch: dict[str, np.ndarray], *, rows: slice) -> dict[str, np.ndarray]:
   return {k: v[rows] for k, v in batch.items()}
 
 
 def _stack(row_list, *, rows: int) -> dict[str, np.ndarray]:
-  """Stacks rows; a short final batch gets all-zero rows (padding: segment 0, mask 0)."""
   batch = {k: np.stack([r[k] for r in row_list]) for k in row_list[0]}
-  if len(row_list) < rows:
-    batch = {k: np.pad(v, ((0, rows - len(row_list)), (0, 0))) for k, v in batch.items()}
+  missing = rows - len(row_list)
+  if missing:
+    batch = {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
   return batch
 
 

@@ -15,6 +15,10 @@ whitespace and byte fallback, so `decode(encode(text)) == text` for any string:
 newlines, tabs, runs of spaces, code and any Unicode. Its pieces are the four
 ids above, then '\\n' (4) and '\\t' (5) as whole pieces (so that lines and
 indentation are cheap), the 256 byte pieces (6..261), then the learned pieces.
+
+A directory of Hugging Face tokenizer files (an imported model's) gives
+`llm.convert.tokenizer`'s wrappers instead, with that tokenizer's own special
+ids (BERT: bos = [CLS], eos = [SEP], pad = [PAD], and a `mask_id`).
 """
 
 import io
@@ -177,6 +181,9 @@ def load(data_config) -> Tokenizer:
 
   'byte': the byte tokenizer. A path: that sentencepiece model. Empty: the
   model trained on (and stored with) the prepared dataset, trained now if absent.
+  A directory: the Hugging Face tokenizer in it (tokenizer.json, tokenizer.model
+  or a BERT vocab.txt), or in its `tokenizer/` (a `python -m llm.convert import`
+  output), for fine-tuning an imported model on the ids it was trained with.
   """
   choice = data_config.tokenizer
   if choice == 'byte':
@@ -186,8 +193,10 @@ def load(data_config) -> Tokenizer:
     if not path.exists():
       raise FileNotFoundError(
         f"data.tokenizer={choice!r} does not exist; give a sentencepiece .model file, 'byte', "
-        "or '' for the model trained on the dataset."
+        "a Hugging Face tokenizer directory, or '' for the model trained on the dataset."
       )
+    if path.is_dir():
+      return _hf_tokenizer(choice)
     return SentencePieceTokenizer(path.read_bytes())
   from llm.data import sources  # Late: sources imports TFDS, which 'byte' users never need.
 
@@ -195,6 +204,22 @@ def load(data_config) -> Tokenizer:
   if not path.exists():
     train(data_config)
   return SentencePieceTokenizer(path.read_bytes())
+
+
+def _hf_tokenizer(directory: str):
+  """A Hugging Face tokenizer with the ids the pipeline frames documents with."""
+  from llm.convert import tokenizer as hf_tokenizer  # Late: only imported models need it.
+
+  if not hf_tokenizer.exists(directory) and hf_tokenizer.exists(f'{directory}/tokenizer'):
+    directory = f'{directory}/tokenizer'
+  tok = hf_tokenizer.load(directory)
+  missing = [n.upper() for n in ('bos', 'eos') if getattr(tok, f'{n}_id') < 0]
+  if missing:
+    raise ValueError(
+      f'data.tokenizer={directory!r} defines no {" and no ".join(missing)} token '
+      '(nor [CLS] / [SEP]), which the input pipeline starts and ends every document with.'
+    )
+  return tok
 
 
 def train(data_config, *, overwrite: bool = False) -> epath.Path:

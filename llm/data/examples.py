@@ -1,0 +1,196 @@
+"""Fine-tuning examples: JSON-lines files read into memory, the overlong policy, the grain stream.
+
+Supervised fine-tuning (`llm/data/sft.py`) and classification
+(`llm/data/classification.py`) read small labelled files, not corpora: the
+files named by `data.train_files` (split 'train') or `data.eval_files`
+('validation') are read whole, every line checked and tokenized before the
+first batch, so bad input stops the run at once with the file and line. The
+examples then flow through grain like the pretraining stream: this host's
+slice, shuffled with the seed and reshuffled every epoch, repeated, batched;
+`pipeline.Iterator` gives the resumable state that goes into checkpoints.
+
+Overlong examples (`data.truncation`), for a sequence of more than the
+tokens a row holds:
+  'error'  stops, naming the file, line and length (the default: nothing is
+           lost without the user knowing);
+  'left'   drops tokens from the start, after the leading bos: an SFT
+           example loses its prompt first and keeps its response; a
+           classified text keeps its end;
+  'right'  drops tokens from the end: a classified text keeps its start (as
+           BERT's tokenizers do); an SFT example loses the end of its last
+           response (and that response's eos);
+  'drop'   leaves the example out; how many were left out is printed.
+"""
+
+import glob
+import json
+
+import grain
+import numpy as np
+from etils import epath
+
+from llm.data import pipeline
+from llm.data import tokenizer as tokenizer_lib
+
+TRUNCATION = ('error', 'left', 'right', 'drop')
+SPLIT_KEYS = {'train': 'train_files', 'validation': 'eval_files'}
+
+
+def files(data_config, split: str) -> list[epath.Path]:
+  """The files of `split` ('train': data.train_files, 'validation': data.eval_files)."""
+  if split not in SPLIT_KEYS:
+    raise ValueError(
+      f"Split {split!r} is not one of 'train', 'validation' for data.dataset="
+      f'{data_config.dataset!r}, whose splits are the files in data.train_files / data.eval_files.'
+    )
+  key = SPLIT_KEYS[split]
+  patterns = [p.strip() for p in data_config[key].split(',') if p.strip()]
+  if not patterns:
+    raise ValueError(f'data.{key} is empty; set it to a glob of .jsonl files.')
+  found = []
+  for pattern in patterns:
+    if '://' in pattern:
+      root, _, rest = pattern.rpartition('/')
+      matched = sorted(epath.Path(root).glob(rest)) if any(c in rest for c in '*?[') else []
+      matched = matched or ([epath.Path(pattern)] if epath.Path(pattern).exists() else [])
+    else:
+      matched = [epath.Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+    if not matched:
+      raise FileNotFoundError(f'data.{key} pattern {pattern!r} matches no files.')
+    found += [p for p in matched if p.is_file()]
+  return found
+
+
+def read_jsonl(paths: list[epath.Path]) -> list[tuple[str, dict]]:
+  """('file:line', record) for every non-blank line; stops on a line that is not a JSON object."""
+  records = []
+  for path in paths:
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{n} is not valid JSON ({e.msg}).') from None
+      if not isinstance(record, dict):
+        raise ValueError(f'{path}:{n} is a JSON {type(record).__name__}, not an object.')
+      records.append((f'{path}:{n}', record))
+  if not records:
+    raise ValueError(f'{", ".join(map(str, paths))} hold no examples.')
+  return records
+
+
+def field(record: dict, where: str, name: str, kind=str):
+  """record[name], which must be of type `kind`; stops naming the file, line and field."""
+  if name not in record:
+    raise ValueError(f'{where} lacks the field {name!r} (it has {", ".join(sorted(record))}).')
+  value = record[name]
+  if not isinstance(value, kind):
+    raise ValueError(f'{where}: the field {name!r} is {value!r}, not a {kind.__name__}.')
+  return value
+
+
+def check_truncation(policy: str) -> None:
+  if policy not in TRUNCATION:
+    raise ValueError(f'data.truncation={policy!r} is not one of {", ".join(TRUNCATION)}.')
+
+
+def fit(arrays: dict, seq_len: int, policy: str, where: str, what: str, extra: int = 0):
+  """One example's arrays cut to seq_len + `extra` entries per `policy`; None: drop it.
+
+  `arrays` hold equally long 1-D arrays whose first entry (bos) 'left' keeps;
+  `extra` is what a row holds beyond seq_len (1 for SFT: inputs and targets
+  are the tokens shifted by one).
+  """
+  n, limit = len(next(iter(arrays.values()))), seq_len + extra
+  if n <= limit:
+    return arrays
+  if policy == 'error':
+    raise ValueError(
+      f'{where}: {what} is {n - extra} tokens long, more than seq_len={seq_len}; raise seq_len, '
+      "or set data.truncation to 'left', 'right' or 'drop'."
+    )
+  if policy == 'drop':
+    return None
+  if policy == 'left':
+    return {k: np.concatenate([v[:1], v[n - limit + 1 :]]) for k, v in arrays.items()}
+  return {k: v[:limit] for k, v in arrays.items()}
+
+
+def batches(
+  examples: list[dict],
+  data_config,
+  *,
+  split: str,
+  batch_size: int,
+  seq_len: int,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  process_index: int,
+  process_count: int,
+  pack=None,
+  **settings,
+) -> pipeline.Iterator:
+  """A resumable iterator over batches of in-memory examples.
+
+  `pack(iter_dataset)` turns examples into rows (SFT packs several per row);
+  without it each example is a row. As in `pipeline.build`, a finite stream on
+  several hosts is read whole by every host, each keeping its rows of every
+  global batch, so all hosts run the same number of evaluation steps. The
+  iterator's state is only valid for the same files and settings (`settings`
+  adds any the caller's rows depend on).
+  """
+  n = len(examples)
+  whole = num_epochs is not None and process_count > 1
+  lo, hi = (
+    (0, n)
+    if whole
+    else (process_index * n // process_count, (process_index + 1) * n // process_count)
+  )
+  if hi <= lo:
+    raise ValueError(f'Host {process_index} of {process_count} gets no examples: there are {n}.')
+  ds = grain.MapDataset.source(examples).slice(slice(lo, hi))
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  it = ds.to_iter_dataset()
+  if pack is not None:
+    it = pack(it)
+  it = pipeline.batch_rows(
+    it,
+    rows=batch_size // process_count,
+    process_index=process_index,
+    process_count=process_count,
+    whole=whole,
+  )
+  stream = dict(
+    dataset=data_config.dataset,
+    files=data_config[SPLIT_KEYS[split]],
+    split=split,
+    seed=seed,
+    shuffle=shuffle,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    process_index=process_index,
+    process_count=process_count,
+    **settings,
+  )
+  return pipeline.Iterator(it, stream)
+
+
+def load_tokenizer(data_config, vocab_size: int | None):
+  """`data.tokenizer`, which must be given: these files have no prepared corpus to train one on."""
+  if not data_config.tokenizer:
+    raise ValueError(
+      f'data.tokenizer is empty, but data.dataset={data_config.dataset!r} has no prepared corpus '
+      "to train one on; set it to 'byte' or to the pretrained model's tokenizer."
+    )
+  tok = tokenizer_lib.load(data_config)
+  if vocab_size is not None and tok.vocab_size > vocab_size:
+    raise ValueError(
+      f'model.vocab_size={vocab_size} is smaller than the tokenizer '
+      f'({tok.vocab_size} ids); set model.vocab_size >= {tok.vocab_size}.'
+    )
+  return tok

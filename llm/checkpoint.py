@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from llm import sharding
 from llm.model import ModelConfig, abstract_params
 
 # ModelConfig fields that change the parameters' shapes or tree: a checkpoint
@@ -223,16 +224,20 @@ def _absolute(path: str) -> epath.Path:
   return epath.Path(path if '://' in str(path) else os.path.abspath(path))
 
 
-def load_params(path: str, *, shardings=None, dtype: str | None = None):
+def load_params(path: str, *, shardings=None, mesh=None, dtype: str | None = None):
   """(ModelConfig, params, config dict or None) from a workdir or a params export.
 
   A workdir gives the params of its newest complete checkpoint; the optimizer
-  state is not read. `dtype` casts the params after loading.
+  state is not read. With `mesh` each param is read straight into its shards
+  (sharded by its logical axes, as in training); `shardings` gives them
+  explicitly instead. `dtype` casts the params after loading.
   """
   path = _absolute(path)
   if (path / 'model_config.json').exists():
     cfg = ModelConfig.from_dict(json.loads((path / 'model_config.json').read_text()))
     config = None
+    if mesh is not None:
+      shardings = sharding.logical_shardings(abstract_params(cfg), mesh)
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(path / 'params').item_metadata
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta.tree)
@@ -246,6 +251,8 @@ def load_params(path: str, *, shardings=None, dtype: str | None = None):
       raise ValueError(f'{path} has no complete checkpoint under {path / "checkpoints"}.')
     config = ckpt.saved_config(step)
     cfg = ModelConfig.from_dict(config['model'])
+    if mesh is not None:
+      shardings = sharding.logical_shardings(abstract_params(cfg), mesh)
     params = ckpt.restore_params(step, nn.unbox(abstract_params(cfg)), shardings)
     ckpt.close()
   else:
@@ -256,6 +263,44 @@ def load_params(path: str, *, shardings=None, dtype: str | None = None):
   if dtype is not None:
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
   return cfg, params, config
+
+
+def load_model(path: str, *, mesh=None, tokenizer: str = ''):
+  """(ModelConfig, params, tokenizer) from a workdir or a params export, for inference.
+
+  Params are read onto `mesh` (none: the default device); the tokenizer is
+  `tokenizer` if given (see `load_tokenizer`), else the one the model was
+  trained or imported with.
+  """
+  cfg, params, config = load_params(path, mesh=mesh)
+  if mesh is None:
+    params = jax.device_put(params)
+  return cfg, params, load_tokenizer(path, config, tokenizer)
+
+
+def load_tokenizer(path: str, config: dict | None, choice: str = ''):
+  """The tokenizer: `choice` ('byte', a .model file or a Hugging Face directory), else the
+  training config's data.tokenizer, else a params export's `tokenizer/` directory."""
+  import ml_collections
+
+  from llm.data import tokenizer as data_tokenizer
+
+  if choice:
+    if os.path.isdir(choice):
+      from llm.convert import tokenizer as hf_tokenizer
+
+      return hf_tokenizer.load(choice)
+    return data_tokenizer.load(ml_collections.ConfigDict({'tokenizer': choice}))
+  if config is not None:
+    return data_tokenizer.load(ml_collections.ConfigDict(config['data']))
+  if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):
+    from llm.convert import tokenizer as hf_tokenizer
+
+    return hf_tokenizer.load(os.path.join(path, TOKENIZER_DIR))
+  raise ValueError(
+    f'{path} holds no tokenizer (no training config, no {TOKENIZER_DIR}/ directory); pass '
+    "--tokenizer='byte', a sentencepiece .model file or a Hugging Face tokenizer directory."
+  )
 
 
 def export_params(workdir: str, out: str, dtype: str = 'float32') -> None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from llm import generate, sharding
 from llm import model as model_lib
+from llm.data import jsonl
 from llm.model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------
@@ -189,23 +190,10 @@ def evaluate_split(
 def read_jsonl(path: str, fields: dict[str, type | tuple]) -> list[dict]:
   """Rows of a JSON-lines task file; stops on the first row lacking a field of the right type."""
   rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n} is not JSON ({e.msg}).') from None
-      for name, kind in fields.items():
-        if not isinstance(row, dict) or not isinstance(row.get(name), kind):
-          raise ValueError(
-            f'{path}:{n} lacks the field {name!r} of type '
-            f'{getattr(kind, "__name__", kind)}; each line needs {", ".join(fields)}.'
-          )
-      rows.append(row)
-  if not rows:
-    raise ValueError(f'{path} holds no examples.')
+  for where, row in jsonl.read(path):
+    for name, kind in fields.items():
+      jsonl.field(row, where, name, kind)
+    rows.append(row)
   return rows
 
 
@@ -440,13 +428,12 @@ def main(argv):
       task_name(p): read_jsonl(p, {'context': str, 'choices': list, 'label': int})
       for p in FLAGS.choice
     }
-    mesh = generate.make_mesh(FLAGS.mesh)
+    mesh = sharding.mesh_from_spec(FLAGS.mesh)
     step = checkpoint_step(FLAGS.workdir)
-    cfg, params, config = checkpoint.load_params(FLAGS.workdir)
-    params = generate.place_params(cfg, params, mesh)
+    cfg, params, config = checkpoint.load_params(FLAGS.workdir, mesh=mesh)
     if FLAGS.config is not None:
       config = json.loads(FLAGS.config.to_json_best_effort())
-    tok = generate.load_tokenizer(FLAGS.workdir, config, FLAGS.tokenizer)
+    tok = checkpoint.load_tokenizer(FLAGS.workdir, config, FLAGS.tokenizer)
     summary = {'step': step, 'checkpoint': os.path.abspath(FLAGS.workdir)}
     per_example = {}
     if FLAGS.split and config is None:

@@ -107,7 +107,7 @@ def is_ours(path: str) -> bool:
 
 def load(path: str, tokenizer: str = ''):
   """(ModelConfig, params, tokenizer) from a Hugging Face directory or one of ours."""
-  from llm import generate  # Late: orbax (through checkpoint) is slow to import.
+  from llm import checkpoint  # Late: orbax is slow to import.
 
   if not epath.Path(path).exists():
     raise FileNotFoundError(
@@ -115,11 +115,11 @@ def load(path: str, tokenizer: str = ''):
       'training workdir.'
     )
   if is_ours(path):
-    return generate.load(path, tokenizer=tokenizer)
+    return checkpoint.load_model(path, tokenizer=tokenizer)
   from llm.convert import hf
 
   cfg, params = hf.load(path)
-  tok = generate.load_tokenizer(path, None, tokenizer or path)
+  tok = checkpoint.load_tokenizer(path, None, tokenizer or path)
   return cfg, jax.device_put(params), tok
 
 

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -491,76 +490,17 @@ def generate_text(
 
 
 # ----------------------------------------------------------------------------
-# Loading.
-
-
-def make_mesh(spec: str = ''):
-  """A mesh from 'data=-1,fsdp=1,tensor=1' (missing axes: 1; default all devices on data)."""
-  sizes = {'data': -1, 'fsdp': 1, 'tensor': 1}
-  if spec:
-    sizes = {'data': 1, 'fsdp': 1, 'tensor': 1}
-    for part in spec.split(','):
-      name, _, value = part.partition('=')
-      if name.strip() not in sizes or not value.strip().lstrip('-').isdigit():
-        raise ValueError(
-          f'--mesh={spec!r} is not a list like data=-1,fsdp=1,tensor=2 (axes: {", ".join(sizes)}).'
-        )
-      sizes[name.strip()] = int(value)
-  return sharding.make_mesh(sizes)
-
-
-def load(path: str, *, mesh=None, tokenizer: str = ''):
-  """(ModelConfig, params on the mesh, tokenizer) from a workdir or a params export."""
-  from llm import checkpoint  # Late: orbax is slow to import and unused by the core.
-
-  cfg, params, config = checkpoint.load_params(path)
-  params = place_params(cfg, params, mesh) if mesh is not None else jax.device_put(params)
-  return cfg, params, load_tokenizer(path, config, tokenizer)
-
-
-def load_tokenizer(path: str, config: dict | None, choice: str = ''):
-  """The tokenizer: `choice` ('byte', a .model file or a Hugging Face directory), else the
-  training config's data.tokenizer, else a params export's `tokenizer/` directory."""
-  import ml_collections
-
-  from llm.data import tokenizer as data_tokenizer
-
-  if choice:
-    if os.path.isdir(choice):
-      from llm.convert import tokenizer as hf_tokenizer
-
-      return hf_tokenizer.load(choice)
-    return data_tokenizer.load(ml_collections.ConfigDict({'tokenizer': choice}))
-  if config is not None:
-    return data_tokenizer.load(ml_collections.ConfigDict(config['data']))
-  if os.path.isdir(os.path.join(path, 'tokenizer')):
-    from llm.convert import tokenizer as hf_tokenizer
-
-    return hf_tokenizer.load(os.path.join(path, 'tokenizer'))
-  raise ValueError(
-    f'{path} holds no tokenizer (no training config, no tokenizer/ directory); pass '
-    "--tokenizer='byte', a sentencepiece .model file or a Hugging Face tokenizer directory."
-  )
+# The command line.
 
 
 def read_prompts(path: str) -> list[str]:
   """Prompts from JSON lines: objects with a 'prompt' field, or JSON strings."""
-  prompts = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n} is not JSON ({e.msg}).') from None
-      prompt = row.get('prompt') if isinstance(row, dict) else row
-      if not isinstance(prompt, str):
-        raise ValueError(f'{path}:{n} has no \'prompt\' string; each line is {{"prompt": ...}}.')
-      prompts.append(prompt)
-  if not prompts:
-    raise ValueError(f'{path} holds no prompts.')
-  return prompts
+  from llm.data import jsonl
+
+  return [
+    row if isinstance(row, str) else jsonl.field(row, where, 'prompt')
+    for where, row in jsonl.read(path, kinds=(dict, str))
+  ]
 
 
 def main(argv):
@@ -574,8 +514,10 @@ def main(argv):
   if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
     raise SystemExit('Give exactly one of --prompt and --prompts_file.')
   try:
-    mesh = make_mesh(FLAGS.mesh)
-    cfg, params, tok = load(FLAGS.workdir, mesh=mesh, tokenizer=FLAGS.tokenizer)
+    from llm import checkpoint  # Late: orbax is slow to import and unused by the core.
+
+    mesh = sharding.mesh_from_spec(FLAGS.mesh)
+    cfg, params, tok = checkpoint.load_model(FLAGS.workdir, mesh=mesh, tokenizer=FLAGS.tokenizer)
     prompts = [FLAGS.prompt] if FLAGS.prompt else read_prompts(FLAGS.prompts_file)
     sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     single = len(prompts) == 1

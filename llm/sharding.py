@@ -103,6 +103,25 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_spec(spec: str = '') -> Mesh:
+  """A mesh from 'data=-1,fsdp=1,tensor=2' (a command-line flag); missing axes are 1.
+
+  An empty spec puts every device on `data`.
+  """
+  sizes = {axis: 1 for axis in MESH_AXES}
+  if not spec:
+    return make_mesh(dict(sizes, data=-1))
+  for part in spec.split(','):
+    name, _, value = part.partition('=')
+    if name.strip() not in sizes or not value.strip().lstrip('-').isdigit():
+      raise ValueError(
+        f'--mesh={spec!r} is not a list like data=-1,fsdp=1,tensor=2 '
+        f'(axes: {", ".join(MESH_AXES)}).'
+      )
+    sizes[name.strip()] = int(value)
+  return make_mesh(sizes)
+
+
 def logical_shardings(boxed_tree, mesh: Mesh):
   """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from eval_shape).
 

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from llm.data import examples as examples_lib
+from llm.data import jsonl
 
 
 def label_names(data_config) -> list[str]:
@@ -51,10 +52,10 @@ def check_num_labels(data_config, num_labels: int) -> None:
 
 def example(record, where, tok, *, labels: dict, seq_len: int, truncation: str) -> dict | None:
   """One example's tokens, token types and class id; None if dropped."""
-  text = examples_lib.field(record, where, 'text')
+  text = jsonl.field(record, where, 'text')
   label = record.get('label')
   if 'label' not in record:
-    examples_lib.field(record, where, 'label')  # Raises, naming the fields there are.
+    jsonl.field(record, where, 'label')  # Raises, naming the fields there are.
   if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label) not in labels:
     raise ValueError(
       f'{where} has the label {label!r}, which is not in data.labels ({", ".join(labels)}).'
@@ -62,7 +63,7 @@ def example(record, where, tok, *, labels: dict, seq_len: int, truncation: str) 
   tokens = [tok.bos_id, *tok.encode(text), tok.eos_id]
   types = [0] * len(tokens)
   if 'text_pair' in record:
-    pair = [*tok.encode(examples_lib.field(record, where, 'text_pair')), tok.eos_id]
+    pair = [*tok.encode(jsonl.field(record, where, 'text_pair')), tok.eos_id]
     tokens += pair
     types += [1] * len(pair)
   kept = examples_lib.fit(
@@ -82,7 +83,7 @@ def load_examples(data_config, split: str, tok, seq_len: int) -> list[dict]:
   examples_lib.check_truncation(data_config.truncation)
   labels = {name: i for i, name in enumerate(label_names(data_config))}
   out, dropped = [], 0
-  for where, record in examples_lib.read_jsonl(examples_lib.files(data_config, split)):
+  for where, record in jsonl.read(examples_lib.files(data_config, split)):
     ex = example(
       record, where, tok, labels=labels, seq_len=seq_len, truncation=data_config.truncation
     )

@@ -23,7 +23,6 @@ tokens a row holds:
 """
 
 import glob
-import json
 
 import grain
 import numpy as np
@@ -59,35 +58,6 @@ def files(data_config, split: str) -> list[epath.Path]:
       raise FileNotFoundError(f'data.{key} pattern {pattern!r} matches no files.')
     found += [p for p in matched if p.is_file()]
   return found
-
-
-def read_jsonl(paths: list[epath.Path]) -> list[tuple[str, dict]]:
-  """('file:line', record) for every non-blank line; stops on a line that is not a JSON object."""
-  records = []
-  for path in paths:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n} is not valid JSON ({e.msg}).') from None
-      if not isinstance(record, dict):
-        raise ValueError(f'{path}:{n} is a JSON {type(record).__name__}, not an object.')
-      records.append((f'{path}:{n}', record))
-  if not records:
-    raise ValueError(f'{", ".join(map(str, paths))} hold no examples.')
-  return records
-
-
-def field(record: dict, where: str, name: str, kind=str):
-  """record[name], which must be of type `kind`; stops naming the file, line and field."""
-  if name not in record:
-    raise ValueError(f'{where} lacks the field {name!r} (it has {", ".join(sorted(record))}).')
-  value = record[name]
-  if not isinstance(value, kind):
-    raise ValueError(f'{where}: the field {name!r} is {value!r}, not a {kind.__name__}.')
-  return value
 
 
 def check_truncation(policy: str) -> None:

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from llm.data import examples as examples_lib
+from llm.data import jsonl
 
 ROLES = ('system', 'user', 'assistant')
 _SEQUENCES = ('inputs', 'targets', 'loss_mask')
@@ -49,15 +50,15 @@ def messages(record: dict, where: str) -> list[dict]:
         f"{where} lacks the field 'messages', or 'prompt' and 'response' "
         f'(it has {", ".join(sorted(record))}).'
       )
-    prompt = examples_lib.field(record, where, 'prompt')
-    response = examples_lib.field(record, where, 'response')
+    prompt = jsonl.field(record, where, 'prompt')
+    response = jsonl.field(record, where, 'response')
     return [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': response}]
-  turns = examples_lib.field(record, where, 'messages', list)
+  turns = jsonl.field(record, where, 'messages', list)
   for i, turn in enumerate(turns):
     if not isinstance(turn, dict):
       raise ValueError(f'{where}: messages[{i}] is {turn!r}, not an object with role and content.')
-    role = examples_lib.field(turn, f'{where}: messages[{i}]', 'role')
-    examples_lib.field(turn, f'{where}: messages[{i}]', 'content')
+    role = jsonl.field(turn, f'{where}: messages[{i}]', 'role')
+    jsonl.field(turn, f'{where}: messages[{i}]', 'content')
     if role not in ROLES:
       raise ValueError(f'{where}: messages[{i}] has role {role!r}, not one of {", ".join(ROLES)}.')
   if not any(t['role'] == 'assistant' for t in turns):
@@ -111,7 +112,7 @@ def load_examples(data_config, split: str, tok, seq_len: int) -> list[dict]:
   """Every example of `split`, tokenized; bad lines stop here, before any training."""
   examples_lib.check_truncation(data_config.truncation)
   out, dropped = [], 0
-  for where, record in examples_lib.read_jsonl(examples_lib.files(data_config, split)):
+  for where, record in jsonl.read(examples_lib.files(data_config, split)):
     ex = example(record, where, tok, seq_len=seq_len, truncation=data_config.truncation)
     if ex is None:
       dropped += 1

@@ -1,7 +1,7 @@
 r"""Decode throughput: our KV-cache generation against Hugging Face `generate`, same weights.
 
   python bench/decode.py [--preset=gpt2_124m] [--batch_sizes=1,16] [--new_tokens=128] \
-      [--hf_python=PYTHON]
+      [--hf_python=PYTHON] [--scan_layers]
 
 Random weights of the preset's shape (speed does not depend on their values)
 are exported with `llm.convert.hf.save`. For each batch size, both sides
@@ -15,7 +15,10 @@ transformers and safetensors, since the project's environment has no torch:
 this file imports nothing beyond the standard library at the top so that it
 can be that side's script too. It also reports how many rows of greedy
 tokens the two sides agree on, a check that they compute the same model.
-Prints a Markdown table row per batch size for bench/RESULTS.md.
+Prints a Markdown table row per batch size for bench/RESULTS.md and writes
+bench/decode.json (which bench/plot.py draws). Our side loads the layers
+unrolled (`scan_layers=False`) unless --scan_layers: a scanned stack copies
+every layer's KV cache slice in and out of the stacked cache at each token.
 """
 
 import argparse
@@ -30,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ours(hf_dir: str, prompts: list[list[int]], batch_sizes, new_tokens: int) -> dict:
+def ours(hf_dir: str, prompts: list[list[int]], batch_sizes, new_tokens: int, scan: bool) -> dict:
   """{batch: (tokens/s, tokens)} for llm.generate on the exported weights."""
   sys.path.insert(0, ROOT)
   import jax
@@ -38,7 +41,7 @@ def ours(hf_dir: str, prompts: list[list[int]], batch_sizes, new_tokens: int) ->
   from llm import generate
   from llm.convert import hf
 
-  cfg, params = hf.load(hf_dir)
+  cfg, params = hf.load(hf_dir, scan_layers=scan)
   params = jax.device_put(params)
   out = {}
   for B in batch_sizes:
@@ -86,6 +89,8 @@ def main():
   p.add_argument('--hf_python', default='', help='A Python with torch and transformers.')
   # On a loaded machine torch's spinning worker threads collapse: try 1 as well as all cores.
   p.add_argument('--hf_threads', type=int, default=os.cpu_count(), help='torch threads.')
+  p.add_argument('--scan_layers', action='store_true', help='Scan over layers on our side.')
+  p.add_argument('--json', default=os.path.join(ROOT, 'bench', 'decode.json'))
   p.add_argument('--hf_worker', default='', help=argparse.SUPPRESS)  # HF side: the model dir.
   args = p.parse_args()
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
@@ -115,7 +120,7 @@ def main():
     del params
     with open(os.path.join(hf_dir, 'prompts.json'), 'w') as f:
       json.dump(prompts, f)
-    mine = ours(hf_dir, prompts, batch_sizes, args.new_tokens)
+    mine = ours(hf_dir, prompts, batch_sizes, args.new_tokens, args.scan_layers)
     theirs, torch_version = {}, None
     if args.hf_python:
       cmd = [args.hf_python, os.path.abspath(__file__), f'--hf_worker={hf_dir}']
@@ -136,14 +141,35 @@ def main():
   )
   print('| batch | ours (tokens/s) | HF generate (tokens/s) | ours / HF | rows with equal tokens |')
   print('|---|---|---|---|---|')
+  rows = []
   for B in batch_sizes:
     ours_tps, ours_tokens = mine[B]
     if B in theirs:
       hf_tps, hf_tokens = theirs[B]
       same = sum(a == b for a, b in zip(ours_tokens, hf_tokens, strict=True))
       print(f'| {B} | {ours_tps:.1f} | {hf_tps:.1f} | {ours_tps / hf_tps:.2f} | {same}/{B} |')
+      rows.append(
+        {'batch': B, 'ours_tokens_per_s': ours_tps, 'hf_tokens_per_s': hf_tps, 'same_rows': same}
+      )
     else:
       print(f'| {B} | {ours_tps:.1f} | (no --hf_python) | | |')
+  if rows:
+    with open(args.json, 'w') as f:
+      json.dump(
+        {
+          'preset': args.preset,
+          'dtype': 'float32',
+          'new_tokens': args.new_tokens,
+          'prompt_len': args.prompt_len,
+          'scan_layers': args.scan_layers,
+          'rows': rows,
+          'jax': jax.__version__,
+          'torch': torch_version,
+          'load': os.getloadavg(),
+        },
+        f,
+        indent=2,
+      )
 
 
 if __name__ == '__main__':

@@ -1,17 +1,28 @@
 r"""Training throughput against Hugging Face GPT-2 in PyTorch, on the same CPU, in one run.
 
   pip install -r requirements.txt -r bench/requirements.txt
-  python bench/train_throughput.py            # writes bench/train_throughput.json
+  python bench/train_throughput.py   # writes bench/train_throughput.json and bench/results.png
 
 For each model size (GPT-2 124M and a ~10M-parameter GPT-2) and dtype, times
-one full training step (forward, backward, AdamW update) of this project's
-jitted step and of `GPT2LMHeadModel` + `torch.optim.AdamW` (eager), on the
-same batch shape, after warm-up, and reports tokens/s, their ratio, and each
-side's MFU against the matmul roofline measured in the same run (float32, and
-bfloat16 with float32 accumulation). Dropout is off on both sides.
+one full training step (forward, backward, global-norm clipping, AdamW update)
+of this project's jitted step and of `GPT2LMHeadModel` + `torch.optim.AdamW`
+(eager), on the same batch shape, after warm-up, and reports tokens/s, their
+ratio, and each side's MFU against the matmul roofline measured in the same
+run (float32, and bfloat16 with float32 accumulation). Dropout is off on both
+sides; bfloat16 is `model.dtype='bfloat16'` here and `torch.autocast` there.
+
+Our side scans over layers in float32 and unrolls them in bfloat16
+(--scan_layers=auto; 'on' or 'off' to force): measured on this CPU, either
+choice is the faster one for that dtype (bench/RESULTS.md). The two sides alternate step by step
+(`--interleave`, the default), so load from other processes hits both alike;
+the load averages before and after are recorded. Ends by redrawing
+bench/results.png (bench/plot.py) from this file and bench/decode.json.
 """
 
+import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -52,22 +63,25 @@ def roofline(dtype: str, n: int = 2048) -> float:
   return metrics.measure_matmul_flops(dtype, n=n, repeats=10)
 
 
-def _timed(step, n_warmup=3, n=8) -> float:
+def _timed(steps: dict, n_warmup=2, n=6) -> dict:
+  """Median seconds per call of each step function, calling them in turn."""
   for _ in range(n_warmup):
-    step()
-  times = []
+    for step in steps.values():
+      step()
+  times = {name: [] for name in steps}
   for _ in range(n):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, step in steps.items():
+      t = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
-def ours(size: str, dtype: str) -> float:
-  """Median seconds per training step of llm.train's jitted step on one device."""
+def ours(size: str, dtype: str, scan_layers: bool):
+  """A function that runs one step of llm.train's jitted step on one device."""
   B, T = BATCH[size]
   c = base.get_config()
-  c.model = base.model_config(**SIZES[size], dtype=dtype)
+  c.model = base.model_config(**SIZES[size], dtype=dtype, scan_layers=scan_layers)
   c.batch_size, c.seq_len, c.total_steps = B, T, 100
   c.mesh.data = 1
   trainer = train.Trainer.create(c, jax.devices()[:1])
@@ -86,11 +100,11 @@ def ours(size: str, dtype: str) -> float:
     state[0], m = trainer.step(state[0], batch)
     m['loss'].block_until_ready()
 
-  return _timed(step)
+  return step
 
 
-def hugging_face(size: str, dtype: str) -> float:
-  """Median seconds per training step of GPT2LMHeadModel with torch AdamW (eager)."""
+def hugging_face(size: str, dtype: str):
+  """A function that runs one training step of GPT2LMHeadModel with torch AdamW (eager)."""
   B, T = BATCH[size]
   s = SIZES[size]
   cfg = transformers.GPT2Config(
@@ -118,23 +132,35 @@ def hugging_face(size: str, dtype: str) -> float:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
-  return _timed(step)
+  return step
 
 
 def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--sizes', default=','.join(SIZES))
+  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--scan_layers', default='auto', choices=('auto', 'on', 'off'))
+  p.add_argument('--steps', type=int, default=6, help='Timed steps per side (after 2 warm-up).')
+  args = p.parse_args()
   torch.set_num_threads(max(torch.get_num_threads(), 1))
+  load_before = os.getloadavg()
   peaks = {d: roofline(d) for d in ('float32', 'bfloat16')}
   rows = []
-  for size in SIZES:
+  for size in args.sizes.split(','):
     cfg = ModelConfig(**SIZES[size])
     B, T = BATCH[size]
     flops = metrics.train_flops_per_token(cfg, T) * B * T
-    for dtype in ('float32', 'bfloat16'):
-      t_ours, t_hf = ours(size, dtype), hugging_face(size, dtype)
+    for dtype in args.dtypes.split(','):
+      scan = args.scan_layers == 'on' or (args.scan_layers == 'auto' and dtype == 'float32')
+      steps = {'ours': ours(size, dtype, scan), 'hf': hugging_face(size, dtype)}
+      timed = _timed(steps, n=args.steps)
+      del steps
+      t_ours, t_hf = timed['ours'], timed['hf']
       row = {
         'model': size,
         'params': model_lib.count_params(cfg),
         'dtype': dtype,
+        'scan_layers': scan,
         'batch': B,
         'seq_len': T,
         'ours_tokens_per_s': B * T / t_ours,
@@ -154,14 +180,23 @@ def main():
     'roofline_flops': peaks,
     'rows': rows,
     'torch': torch.__version__,
+    'transformers': transformers.__version__,
     'jax': jax.__version__,
     'threads': torch.get_num_threads(),
+    'machine': f'{platform.machine()}, {os.cpu_count()} cores',
+    'load_before': load_before,
+    'load_after': os.getloadavg(),
+    'date': time.strftime('%Y-%m-%d'),
   }
   OUT.write_text(json.dumps(result, indent=2))
   print(
     f'roofline: float32 {peaks["float32"] / 1e9:.1f} GFLOP/s, '
-    f'bfloat16 {peaks["bfloat16"] / 1e9:.1f} GFLOP/s; wrote {OUT.name}'
+    f'bfloat16 {peaks["bfloat16"] / 1e9:.1f} GFLOP/s; load average before '
+    f'{load_before[0]:.1f}, after {result["load_after"][0]:.1f}; wrote {OUT.name}'
   )
+  import plot
+
+  plot.main()
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ names; `llm/sharding.py` maps them onto the mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,56 @@ def _param(module: nn.Module, name: str, shape, axes, init, cfg: ModelConfig):
 def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
   """Pins an activation's sharding by logical names; a no-op without a mesh."""
   return nn.with_logical_constraint(x, axes)
+
+
+def matmul(spec: str, x: Array, w: Array, dtype, out_dtype=None) -> Array:
+  """`einsum(spec, x, w)` in the compute `dtype`, accumulating in float32; `w` is a parameter.
+
+  The result is `out_dtype` (default: `dtype`). On CPU a 16-bit matmul takes
+  a custom gradient: XLA:CPU runs a bfloat16 matmul at bfloat16 speed only
+  when its result is float32, and computes one with a bfloat16 result, or one
+  with a float32 operand, by upcasting both operands to float32 (several times
+  slower; bench/RESULTS.md). Autodiff would hand the backward matmuls the
+  float32 cotangent of the accumulator, so the custom gradient casts it to
+  `dtype` and keeps all three matmuls bfloat16 x bfloat16 -> float32. Other
+  backends and float32 take the plain einsum (TPUs and GPUs accumulate in
+  float32 anyway), which remat policies see as the dot they save.
+  """
+  out_dtype = jnp.dtype(out_dtype or dtype)
+  if jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != 'cpu':
+    if out_dtype == jnp.dtype(dtype):
+      return jnp.einsum(spec, x, w.astype(dtype))
+    return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=out_dtype)
+  return _low_precision_matmul(spec, jnp.dtype(dtype), out_dtype, x.astype(dtype), w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _low_precision_matmul(spec, dtype, out_dtype, x, w):
+  y = jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _low_precision_matmul_fwd(spec, dtype, out_dtype, x, w):
+  return _low_precision_matmul(spec, dtype, out_dtype, x, w), (x, w)
+
+
+def _low_precision_matmul_bwd(spec, dtype, out_dtype, residuals, d_y):
+  x, w = residuals
+  inputs, out = spec.split('->')
+  lhs, rhs = inputs.split(',')
+  d_y = d_y.astype(dtype)
+  d_x = jnp.einsum(f'{out},{rhs}->{lhs}', d_y, w.astype(dtype), preferred_element_type=jnp.float32)
+  # d_w with its contracted dims first (for 'BTD,VD->BTV': DV, not VD) is
+  # x^T @ d_y; in the other order XLA folds the transpose into the matmul and
+  # picks operand layouts that have no bfloat16 kernel on CPU. The barrier
+  # keeps it from folding the transpose back.
+  contracted = ''.join(c for c in rhs if c in lhs) + ''.join(c for c in rhs if c not in lhs)
+  d_w = jnp.einsum(f'{lhs},{out}->{contracted}', x, d_y, preferred_element_type=jnp.float32)
+  d_w = jnp.einsum(f'{contracted}->{rhs}', jax.lax.optimization_barrier(d_w))
+  return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
 BTD = ('act_batch', 'act_length', 'act_embed')
@@ -157,9 +208,9 @@ class Attention(nn.Module):
     w_v_DKH = _param(self, 'v', (D, K, H), ('embed', 'kv_heads', 'head_dim'), init, cfg)
     w_o_NHD = _param(self, 'o', (N, H, D), ('heads', 'head_dim', 'embed'), out_init, cfg)
     dt = cfg.dtype
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, w_q_DNH.astype(dt))
-    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, w_k_DKH.astype(dt))
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, w_v_DKH.astype(dt))
+    q_BTNH = matmul('BTD,DNH->BTNH', x_BTD, w_q_DNH, dt)
+    k_BTKH = matmul('BTD,DKH->BTKH', x_BTD, w_k_DKH, dt)
+    v_BTKH = matmul('BTD,DKH->BTKH', x_BTD, w_v_DKH, dt)
     if cfg.use_bias:
       zeros = nn.initializers.zeros
       q_BTNH += _param(self, 'q_bias', (N, H), ('heads', 'head_dim'), zeros, cfg).astype(dt)
@@ -185,7 +236,7 @@ class Attention(nn.Module):
     out_BTNH = attention_lib.dot_product_attention(
       q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask, implementation=cfg.attention_impl
     )
-    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, w_o_NHD.astype(dt))
+    out_BTD = matmul('BTNH,NHD->BTD', out_BTNH, w_o_NHD, dt)
     if cfg.use_bias:
       out_BTD += _param(self, 'o_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
     if cache is None:
@@ -210,7 +261,7 @@ class Dense(nn.Module):
     D, init = x_BTD.shape[-1], nn.initializers.normal(cfg.init_std)
     w_DE = _param(self, 'kernel', (D, self.features), ('embed', None), init, cfg)
     b_E = _param(self, 'bias', (self.features,), ('norm',), nn.initializers.zeros, cfg)
-    return jnp.einsum('BTD,DE->BTE', x_BTD, w_DE.astype(cfg.dtype)) + b_E.astype(cfg.dtype)
+    return matmul('BTD,DE->BTE', x_BTD, w_DE, cfg.dtype) + b_E.astype(cfg.dtype)
 
 
 class Mlp(nn.Module):
@@ -225,18 +276,18 @@ class Mlp(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     w_in_DF = _param(self, 'wi', (D, F), ('embed', 'mlp'), init, cfg)
-    h_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_in_DF.astype(dt))
+    h_BTF = matmul('BTD,DF->BTF', x_BTD, w_in_DF, dt)
     if cfg.use_bias:
       h_BTF += _param(self, 'wi_bias', (F,), ('mlp',), nn.initializers.zeros, cfg).astype(dt)
     if cfg.mlp == 'swiglu':
       w_gate_DF = _param(self, 'wg', (D, F), ('embed', 'mlp'), init, cfg)
-      gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_gate_DF.astype(dt))
+      gate_BTF = matmul('BTD,DF->BTF', x_BTD, w_gate_DF, dt)
       h_BTF = nn.silu(gate_BTF) * h_BTF
     else:
       h_BTF = activation(cfg, h_BTF)
     h_BTF = constrain(h_BTF, ('act_batch', 'act_length', 'act_mlp'))
     w_out_FD = _param(self, 'wo', (F, D), ('mlp', 'embed'), out_init, cfg)
-    out_BTD = jnp.einsum('BTF,FD->BTD', h_BTF, w_out_FD.astype(dt))
+    out_BTD = matmul('BTF,FD->BTD', h_BTF, w_out_FD, dt)
     if cfg.use_bias:
       out_BTD += _param(self, 'wo_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
     return constrain(out_BTD, BTD)

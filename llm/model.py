@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from llm import attention as attention_lib
-from llm import layers
+from llm import layers, sharding
 
 _CHOICES = {
   'norm': ('layernorm', 'rmsnorm'),
@@ -223,10 +223,7 @@ class Transformer(nn.Module):
       (cfg.vocab_size, cfg.d_model),
       cfg.param_dtype,
     )
-    # Gather the table over fsdp before the lookup (as FSDP does for every
-    # weight): XLA cannot partition a gather from a table split along D.
-    lookup_VD = nn.with_logical_constraint(embed_VD, ('vocab', None))
-    x_BTD = jnp.take(lookup_VD, tokens_BT, axis=0).astype(cfg.dtype)
+    x_BTD = sharding.embedding_lookup(embed_VD, tokens_BT).astype(cfg.dtype)
     if cfg.position == 'learned':
       pos_PD = self.param(
         'pos_embedding',
@@ -261,7 +258,9 @@ class Transformer(nn.Module):
       x_BTD = layers.activation(cfg, x_BTD)
       x_BTD = layers.Norm(cfg, name='mlm_norm')(x_BTD)
     if cfg.tie_embeddings:
-      unembed_DV = embed_VD.T
+      # The table as it is, not transposed: XLA:CPU copied a transposed table
+      # on every decoding step (bench/RESULTS.md).
+      logits_BTV = layers.matmul('BTD,VD->BTV', x_BTD, embed_VD, cfg.dtype, jnp.float32)
     else:
       unembed_DV = self.param(
         'unembed',
@@ -269,9 +268,7 @@ class Transformer(nn.Module):
         (cfg.d_model, cfg.vocab_size),
         cfg.param_dtype,
       )
-    logits_BTV = jnp.einsum(
-      'BTD,DV->BTV', x_BTD, unembed_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
-    )
+      logits_BTV = layers.matmul('BTD,DV->BTV', x_BTD, unembed_DV, cfg.dtype, jnp.float32)
     if cfg.head == 'mlm':
       bias_V = self.param(
         'unembed_bias',

@@ -77,17 +77,21 @@ def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
   return table
 
 
+def nll_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> dict:
+  """Summed NLL of the targets where mask_BT is 1, and how many they are."""
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+  return {'nll_sum': jnp.sum((log_z_BT - target_logit_BT) * mask_BT), 'tokens': jnp.sum(mask_BT)}
+
+
 def loss_sums(params, batch: dict, bytes_V: jax.Array, *, cfg: ModelConfig) -> dict:
   """Sums over a packed batch (so batches and hosts add up): NLL, loss tokens, text bytes."""
   logits_BTV = Transformer(cfg).apply(
     {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids']
   )
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], -1)[..., 0]
   mask_BT = batch['loss_mask'].astype(jnp.float32)
   return {
-    'nll_sum': jnp.sum((log_z_BT - target_logit_BT) * mask_BT),
-    'tokens': jnp.sum(mask_BT),
+    **nll_sums(logits_BTV, batch['targets'], mask_BT),
     'bytes': jnp.sum(bytes_V[batch['targets']] * mask_BT),
     'correct': jnp.sum((jnp.argmax(logits_BTV, axis=-1) == batch['targets']) * mask_BT),
   }

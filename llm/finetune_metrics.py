@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm import evaluate as evaluate_lib
 from llm import sharding
 from llm.model import ModelConfig, Transformer
 
@@ -29,10 +30,8 @@ def sums(params, batch: dict, *, cfg: ModelConfig) -> dict:
     logits_index_B=batch.get('logits_index'),
     token_types_BT=batch.get('token_types'),
   )
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
   mask = batch['loss_mask'].astype(jnp.float32)
-  out = {'nll_sum': jnp.sum((log_z - target_logit) * mask), 'tokens': jnp.sum(mask)}
+  out = evaluate_lib.nll_sums(logits, batch['targets'], mask)
   if cfg.head == 'classifier':
     true_BC = jax.nn.one_hot(batch['targets'][:, 0], cfg.num_labels) * mask[:, :1]
     predicted_BC = jax.nn.one_hot(jnp.argmax(logits[:, 0], axis=-1), cfg.num_labels)
@@ -76,11 +75,10 @@ def evaluate(cfg: ModelConfig, params, batches, *, mesh, max_batches: int = 0) -
   if totals is None:
     raise ValueError('The eval split gave no batches.')
   count = float(totals['tokens'])
-  loss = float(totals['nll_sum']) / max(count, 1.0)
   if cfg.head != 'classifier':
-    return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))), 'tokens': count}
+    return evaluate_lib.summarize(float(totals['nll_sum']), count)
   return {
-    'loss': loss,
+    'loss': float(totals['nll_sum']) / max(count, 1.0),
     **classification_metrics(totals['confusion']),
     'examples': count,
     'batches': n,

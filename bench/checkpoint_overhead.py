@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llm import checkpoint, train  # noqa: E402
+from llm import train  # noqa: E402
+from llm.data import streams  # noqa: E402
+from llm.io import checkpoint  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/shakespeare.py', 'Experiment config.')
 flags.DEFINE_integer('steps', 60, 'Steps per variant.')
@@ -53,7 +55,7 @@ def main(argv):
   steps, every = flags.FLAGS.steps, flags.FLAGS.every
   trainer = train.Trainer.create(config)
   state = trainer.init_state()
-  it = train.make_iterator(config, 'train', model_cfg=trainer.model_cfg)
+  it = streams.make_iterator(streams.Stream.of(config, 'train'), trainer.model_cfg)
   batches = [next(it) for _ in range(steps)]
   state, _, _ = _run(trainer, state, batches[:5], None, every, True)  # Compile and warm up.
 

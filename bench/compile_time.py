@@ -45,11 +45,11 @@ def measure(num_layers: int, scan: bool) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from experiments import base
+  from llm import config as config_lib
   from llm import sharding, train
 
-  c = base.get_config()
-  c.model = base.model_config(**SHAPE, num_layers=num_layers, scan_layers=scan)
+  c = config_lib.get_config()
+  c.model = config_lib.model_config(**SHAPE, num_layers=num_layers, scan_layers=scan)
   c.batch_size, c.seq_len, c.total_steps = BATCH, SEQ_LEN, 100
   c.mesh.data = 1
   trainer = train.Trainer.create(c, jax.devices()[:1])

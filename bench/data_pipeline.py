@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from llm import train  # noqa: E402
-from llm.data import pipeline  # noqa: E402
+from llm.data import pipeline, streams  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/shakespeare.py', 'Experiment.')
 _BATCHES = flags.DEFINE_integer('batches', 300, 'Batches timed for the pipeline alone.')
@@ -31,14 +31,8 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Train steps timed (after compilation
 
 
 def _iterator(config):
-  return pipeline.make_iterator(
-    config.data,
-    split='train',
-    batch_size=config.batch_size,
-    seq_len=config.seq_len,
-    seed=config.seed,
-    vocab_size=config.model.vocab_size,
-  )
+  stream = streams.Stream.of(config, 'train')
+  return pipeline.make_iterator(stream, vocab_size=config.model.vocab_size)
 
 
 def pipeline_tokens_per_second(config, batches: int) -> tuple[float, float]:

@@ -38,10 +38,12 @@ def ours(hf_dir: str, prompts: list[list[int]], batch_sizes, new_tokens: int, sc
   sys.path.insert(0, ROOT)
   import jax
 
-  from llm import generate
+  from llm import generate, sharding
   from llm.convert import hf
+  from llm.model import resolve
 
   cfg, params = hf.load(hf_dir, scan_layers=scan)
+  cfg = resolve(cfg, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]))
   params = jax.device_put(params)
   out = {}
   for B in batch_sizes:

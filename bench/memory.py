@@ -56,15 +56,16 @@ def measure(dtype: str, batch: int, seq_len: int) -> dict:
   import numpy as np
   import psutil
 
-  from experiments import base, presets
+  from experiments import presets
+  from llm import config as config_lib
   from llm import model as model_lib
   from llm import sharding, train
   from llm.model import ModelConfig
 
   jax.devices()  # Start the CPU client: part of the baseline.
   baseline = psutil.Process().memory_info().rss
-  c = base.get_config()
-  c.model = base.model_config(**presets.GPT2_124M, dtype=dtype)
+  c = config_lib.get_config()
+  c.model = config_lib.model_config(**presets.GPT2_124M, dtype=dtype)
   c.batch_size, c.seq_len, c.total_steps = batch, seq_len, 100
   c.mesh.data = 1
   trainer = train.Trainer.create(c, jax.devices()[:1])

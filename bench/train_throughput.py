@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from experiments import base, presets  # noqa: E402
+from experiments import presets  # noqa: E402
+from llm import config as config_lib
 from llm import metrics, train  # noqa: E402
 from llm import model as model_lib  # noqa: E402
 from llm.model import ModelConfig  # noqa: E402
@@ -80,8 +81,8 @@ def _timed(steps: dict, n_warmup=2, n=6) -> dict:
 def ours(size: str, dtype: str, scan_layers: bool):
   """A function that runs one step of llm.train's jitted step on one device."""
   B, T = BATCH[size]
-  c = base.get_config()
-  c.model = base.model_config(**SIZES[size], dtype=dtype, scan_layers=scan_layers)
+  c = config_lib.get_config()
+  c.model = config_lib.model_config(**SIZES[size], dtype=dtype, scan_layers=scan_layers)
   c.batch_size, c.seq_len, c.total_steps = B, T, 100
   c.mesh.data = 1
   trainer = train.Trainer.create(c, jax.devices()[:1])

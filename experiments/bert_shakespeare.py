@@ -16,14 +16,15 @@ context reaches (`python -m llm.data.prepare --config=experiments/shakespeare.py
 prints it, counting eos as well).
 """
 
-from experiments import base, presets
+from experiments import presets
+from llm import config as config_lib
 
 SEQ_LEN = 128
 
 
 def small_bert(vocab_size: int, max_seq_len: int = SEQ_LEN):
   """BERT base's options at 4 layers of width 256."""
-  return base.model_config(
+  return config_lib.model_config(
     **dict(
       presets.BERT_BASE,
       vocab_size=vocab_size,
@@ -39,7 +40,7 @@ def small_bert(vocab_size: int, max_seq_len: int = SEQ_LEN):
 
 def get_config(arg=None):
   del arg
-  c = base.get_config()
+  c = config_lib.get_config()
   c.data.dataset = 'shakespeare'
   c.data.tokenizer = ''  # The sentencepiece model trained on the corpus.
   c.data.spm_vocab_size = 2048

@@ -17,7 +17,8 @@ packed with segment ids instead of sentence pairs, there is no next-sentence
 prediction (RoBERTa found it unhelpful), and no dropout.
 """
 
-from experiments import base, c4_gpt2_124m, presets
+from experiments import c4_gpt2_124m, presets
+from llm import config as config_lib
 
 SIZES = {'base': 'bert_base', 'large': 'bert_large'}
 
@@ -26,10 +27,10 @@ def get_config(arg=None):
   size = arg or 'base'
   if size not in SIZES:
     raise ValueError(f'experiments/c4_bert.py:{size} is not one of {", ".join(SIZES)}.')
-  c = base.get_config()
+  c = config_lib.get_config()
   c4_gpt2_124m.c4_data(c, vocab_size=30521)
   c.data.objective = 'mlm'
-  c.model = base.model_config(**dict(presets.get(SIZES[size]), dtype='bfloat16'))
+  c.model = config_lib.model_config(**dict(presets.get(SIZES[size]), dtype='bfloat16'))
   c.seq_len = 512
   c.batch_size = 256
   c.total_steps = 1_000_000

@@ -12,7 +12,8 @@ split. 10B tokens (19,073 steps of 512 x 1,024 tokens) with the GPT-3 paper's
 small-model optimizer settings, as in the llm.c / nanoGPT reproductions.
 """
 
-from experiments import base, presets
+from experiments import presets
+from llm import config as config_lib
 
 
 def c4_data(c, vocab_size: int) -> None:
@@ -28,9 +29,11 @@ def c4_data(c, vocab_size: int) -> None:
 
 def get_config(arg=None):
   del arg
-  c = base.get_config()
+  c = config_lib.get_config()
   c4_data(c, vocab_size=50304)
-  c.model = base.model_config(**dict(presets.get('gpt2_124m'), vocab_size=50304, dtype='bfloat16'))
+  c.model = config_lib.model_config(
+    **dict(presets.get('gpt2_124m'), vocab_size=50304, dtype='bfloat16')
+  )
   c.seq_len = 1024
   c.batch_size = 512
   c.total_steps = 19073

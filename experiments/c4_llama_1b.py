@@ -13,14 +13,15 @@ fifth of the parameters on embeddings. 20B tokens (20,000 steps of
 chips (FSDP); activations are rematerialised except the matmuls.
 """
 
-from experiments import base, c4_gpt2_124m, presets
+from experiments import c4_gpt2_124m, presets
+from llm import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = base.get_config()
+  c = config_lib.get_config()
   c4_gpt2_124m.c4_data(c, vocab_size=32768)
-  c.model = base.model_config(
+  c.model = config_lib.model_config(
     **dict(
       presets.get('llama3_1b'),
       vocab_size=32768,

@@ -22,14 +22,15 @@ starts fresh:
 
 import os
 
-from experiments import base, sft_echo
+from experiments import sft_echo
+from llm import config as config_lib
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 LABELS = 'negative,positive'
 
 
 def get_config(arg='decoder'):
-  c = base.get_config()
+  c = config_lib.get_config()
   c.data.dataset = 'classification'
   c.data.train_files = os.path.join(DATA, 'sentiment_train.jsonl')
   c.data.eval_files = os.path.join(DATA, 'sentiment_eval.jsonl')
@@ -45,11 +46,11 @@ def get_config(arg='decoder'):
   c.checkpoint_every = 100
   num_labels = len(LABELS.split(','))
   if arg in (None, 'decoder'):
-    c.model = base.model_config(
+    c.model = config_lib.model_config(
       **{**sft_echo.tiny_gpt(), 'head': 'classifier', 'num_labels': num_labels}
     )
   elif arg == 'encoder':
-    c.model = base.model_config(
+    c.model = config_lib.model_config(
       **{
         **sft_echo.tiny_gpt(),
         'causal': False,

@@ -19,14 +19,15 @@ Shakespeare GPT of experiments/shakespeare.py (ARG 'shakespeare'):
 
 import os
 
-from experiments import base, shakespeare
+from experiments import shakespeare
+from llm import config as config_lib
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 
 
 def tiny_gpt(vocab_size: int = 259):
   """A 2-layer GPT-2-style model over bytes: ~0.4M parameters."""
-  return base.model_config(
+  return config_lib.model_config(
     **{
       **shakespeare.small_gpt(vocab_size),
       'num_layers': 2,
@@ -38,7 +39,7 @@ def tiny_gpt(vocab_size: int = 259):
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = config_lib.get_config()
   c.data.dataset = 'sft'
   c.data.train_files = os.path.join(DATA, 'echo_train.jsonl')
   c.data.eval_files = os.path.join(DATA, 'echo_eval.jsonl')

@@ -10,12 +10,12 @@ GPT-2-style blocks (LayerNorm, GELU, learned positions, biases, tied
 embeddings), 4 layers of width 256: ~3.7M parameters.
 """
 
-from experiments import base
+from llm import config as config_lib
 
 
 def small_gpt(vocab_size: int):
   """GPT-2-style blocks, 4 layers of width 256: a model a laptop CPU trains in minutes."""
-  return base.model_config(
+  return config_lib.model_config(
     norm='layernorm',
     mlp='gelu',
     position='learned',
@@ -33,7 +33,7 @@ def small_gpt(vocab_size: int):
 
 def get_config(arg=None):
   del arg
-  c = base.get_config()
+  c = config_lib.get_config()
   c.data.dataset = 'shakespeare'
   c.data.tokenizer = ''  # The sentencepiece model trained on the corpus.
   c.data.spm_vocab_size = 2048

@@ -8,11 +8,12 @@ ARG names a preset from experiments/presets.py (default: a ~10M-parameter
 Llama-style model that trains on a laptop CPU).
 """
 
-from experiments import base, presets
+from experiments import presets
+from llm import config as config_lib
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = config_lib.get_config()
   c.data.dataset = 'synthetic'
   c.total_steps = 200
   c.batch_size = 8
@@ -23,9 +24,9 @@ def get_config(arg=None):
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 20
   if arg:
-    c.model = base.model_config(**presets.get(arg))
+    c.model = config_lib.model_config(**presets.get(arg))
   else:
-    c.model = base.model_config(
+    c.model = config_lib.model_config(
       vocab_size=512, num_layers=4, d_model=256, num_heads=8, num_kv_heads=4, d_ff=768
     )
   return c

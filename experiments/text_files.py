@@ -13,11 +13,12 @@ split; for a corpus too small for that, the error names the largest size it
 supports (set data.spm_vocab_size and model.vocab_size to it).
 """
 
-from experiments import base, shakespeare
+from experiments import shakespeare
+from llm import config as config_lib
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = config_lib.get_config()
   c.data.dataset = 'text_files'
   c.data.text_files = arg or ''
   c.data.text_unit = 'passage'

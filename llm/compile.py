@@ -7,7 +7,9 @@ compiles the real train step for the target mesh without the hardware (a TPU
 topology needs the optional `jax[tpu]` extra: `pip install -r requirements-tpu.txt`;
 without --topology it compiles for the local devices) and prints the per-device
 memory XLA plans (parameters and optimizer state in, temporaries, outputs) and
-the compile time. Nothing is allocated: the state exists only as shapes.
+the compile time. Nothing is allocated: the state exists only as shapes. The
+model's kernels are those of the target's platform (the trainer resolves them
+from the mesh), so a TPU topology compiled on a CPU host gets the TPU program.
 """
 
 import dataclasses
@@ -27,6 +29,11 @@ class CompileReport:
   alias_bytes: int  # Outputs written in place of donated arguments.
   temp_bytes: int  # Activations, gradients, collectives' buffers.
   flops: float  # XLA's count for one step on one device.
+  # The program itself, e.g. to see which kernels the target got:
+  # `lowered.as_text(debug_info=True)` is the StableHLO as traced, each op
+  # located by its named scopes; `compiled.as_text()` the HLO after XLA's passes.
+  lowered: jax.stages.Lowered = dataclasses.field(repr=False)
+  compiled: jax.stages.Compiled = dataclasses.field(repr=False)
 
   @property
   def peak_bytes(self) -> int:
@@ -71,7 +78,8 @@ def compile_train_step(config, devices=None) -> CompileReport:
   }
   start = time.perf_counter()
   with sharding.rules_context(trainer.mesh):
-    compiled = trainer.step_fn.lower(state, batch).compile()
+    lowered = trainer.step_fn.lower(state, batch)
+    compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -83,6 +91,8 @@ def compile_train_step(config, devices=None) -> CompileReport:
     alias_bytes=int(memory.alias_size_in_bytes),
     temp_bytes=int(memory.temp_size_in_bytes),
     flops=float((cost or {}).get('flops', 0.0)),
+    lowered=lowered,
+    compiled=compiled,
   )
 
 

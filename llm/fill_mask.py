@@ -4,8 +4,8 @@
 
 DIR is a Hugging Face BertForMaskedLM directory (read on the fly, with its
 tokenizer), a params export (`python -m llm.convert import` writes one) or a
-training workdir of a model.head='mlm' model (its newest checkpoint and the
-tokenizer of its data config).
+training workdir of a model.head='mlm' model (its newest checkpoint and its
+tokenizer copy): anything `llm.io.models` opens.
 
 The text is encoded as masked-LM training framed documents: [bos] text [eos],
 which for BERT's tokenizer is [CLS] text [SEP], the framing transformers adds.
@@ -15,14 +15,13 @@ vocabulary that `llm/data/mlm.py` trains with.
 """
 
 import dataclasses
-import os
 import sys
 
 import jax
 import numpy as np
-from etils import epath
 
 from llm.data import mlm
+from llm.io import models
 from llm.model import ModelConfig, Transformer
 
 MASK = '[MASK]'
@@ -100,29 +99,6 @@ def fill_mask(
   return out
 
 
-def is_ours(path: str) -> bool:
-  """A training workdir or a params export, rather than a Hugging Face directory."""
-  return any(os.path.exists(os.path.join(path, n)) for n in ('checkpoints', 'model_config.json'))
-
-
-def load(path: str, tokenizer: str = ''):
-  """(ModelConfig, params, tokenizer) from a Hugging Face directory or one of ours."""
-  from llm import checkpoint  # Late: orbax is slow to import.
-
-  if not epath.Path(path).exists():
-    raise FileNotFoundError(
-      f'--model={path} does not exist; give a Hugging Face directory, a params export or a '
-      'training workdir.'
-    )
-  if is_ours(path):
-    return checkpoint.load_model(path, tokenizer=tokenizer)
-  from llm.convert import hf
-
-  cfg, params = hf.load(path)
-  tok = checkpoint.load_tokenizer(path, None, tokenizer or path)
-  return cfg, jax.device_put(params), tok
-
-
 def main(argv):
   del argv
   from absl import flags, logging
@@ -130,7 +106,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Keep orbax's restore chatter off the output.
   FLAGS = flags.FLAGS
   try:
-    cfg, params, tok = load(FLAGS.model, FLAGS.tokenizer)
+    cfg, params, tok = models.load(FLAGS.model, tokenizer=FLAGS.tokenizer)
     results = fill_mask(cfg, params, tok, FLAGS.text, FLAGS.top_k)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'Error: {e}')

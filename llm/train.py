@@ -3,19 +3,18 @@ r"""Training: state initialisation, the train and eval steps, and the loop.
   python -m llm.train --config=experiments/NAME.py[:ARG] --workdir=DIR \
       [--config.KEY=VALUE ...]
 
-Data flow: config -> mesh (llm/sharding.py) -> ModelConfig -> abstract state
-from `jax.eval_shape` -> shardings from the logical axes -> `init_state`
-materialises each shard where it lives -> `train_step` jitted once with those
-shardings, the state donated -> batches from llm/data placed with
-`sharding.global_batch`.
+Data flow: config -> mesh (llm/sharding.py) -> ModelConfig, its kernels
+resolved for the mesh's platform -> abstract state from `jax.eval_shape` ->
+shardings from the logical axes -> `init_state` materialises each shard where
+it lives -> `train_step` jitted once with those shardings, the state donated
+-> batches from `llm.data.streams` placed with `sharding.global_batch`. The
+loss is `llm.losses`', the same that every evaluation uses.
 """
 
 import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -26,85 +25,26 @@ import ml_collections
 import numpy as np
 import optax
 
-from llm import checkpoint, finetune, finetune_metrics, optim, sharding
-from llm import evaluate as evaluate_lib
+from llm import config as config_lib
+from llm import finetune, losses, optim, sharding
 from llm import metrics as metrics_lib
-from llm.data import mlm, synthetic
-from llm.model import ModelConfig, Transformer
+from llm.data import streams
+from llm.io import checkpoint
+from llm.model import ModelConfig, Transformer, param_shardings, resolve
+from llm.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionFlag
 
 State = dict  # {'params', 'opt_state', 'step'}
 
 
 # ----------------------------------------------------------------------------
-# Config checks.
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Stops on keys the defaults do not know: a typo must not be silently ignored."""
-  from experiments import base  # Experiments are configs; importing here keeps llm/ standalone.
-
-  _check_keys(config, base.get_config(), '')
-  mlm.objective(config.data)  # A bad objective, or MLM on the synthetic stream, stops here.
-  if config.data.dataset == 'synthetic' and config.eval_every > 0 and config.eval_steps <= 0:
-    raise ValueError('The synthetic stream never ends: set eval_steps > 0 or eval_every=0.')
-  if config.seq_len <= 0:
-    raise ValueError(f'seq_len={config.seq_len} must be positive.')
-  if config.seq_len > config.model.max_seq_len and config.model.position == 'learned':
-    raise ValueError(
-      f'seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}, '
-      'the number of learned positions.'
-    )
-
-
-def _check_keys(config, defaults, prefix: str) -> None:
-  for key, value in config.items():
-    if key not in defaults:
-      raise ValueError(
-        f'Unknown config key {prefix + key!r}; valid keys here: {", ".join(sorted(defaults))}.'
-      )
-    if isinstance(value, ml_collections.ConfigDict):
-      _check_keys(value, defaults[key], f'{prefix}{key}.')
-
-
-# ----------------------------------------------------------------------------
-# Loss and steps.
-
-
-def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
-  """Sums (not means) of token losses, so microbatches can be added exactly.
-
-  Returns (sum of masked NLL, sum of the z-loss term, number of loss tokens).
-  The z-loss (PaLM) pushes log Z toward 0, which keeps bf16 logits stable.
-  """
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  nll = jnp.sum((log_z_BT - target_logit_BT) * mask_BT)
-  z = z_loss * jnp.sum(jnp.square(log_z_BT) * mask_BT)
-  return nll, z, jnp.sum(mask_BT)
-
-
-def _loss_sums(params, batch, model: Transformer, z_loss: float):
-  """Every objective is a masked cross-entropy: next token (LM, SFT), chosen tokens
-  (MLM), or one label per row (classification: the batch's `logits_index` picks the
-  position, and targets and loss_mask are [B, 1])."""
-  logits = model.apply(
-    {'params': params},
-    batch['inputs'],
-    batch['positions'],
-    batch['segment_ids'],
-    logits_index_B=batch.get('logits_index'),
-    token_types_BT=batch.get('token_types'),
-  )
-  nll, z, tokens = cross_entropy(logits, batch['targets'], batch['loss_mask'], z_loss)
-  return nll + z, (nll, tokens)
+# The step.
 
 
 def train_step(
   state: State,
   batch: dict,
   *,
-  model: Transformer,
+  cfg: ModelConfig,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   grad_accum: int = 1,
@@ -119,9 +59,9 @@ def train_step(
   spread over every data-parallel device.
   """
   params = state['params']
-  grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
+  grad_fn = jax.value_and_grad(losses.train_sums, has_aux=True)
   if grad_accum == 1:
-    (_, (nll, tokens)), grads = grad_fn(params, batch, model, z_loss)
+    (_, (nll, tokens)), grads = grad_fn(params, batch, cfg, z_loss)
   else:
     micro = jax.tree.map(
       lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
@@ -132,7 +72,7 @@ def train_step(
     )
 
     def accumulate(carry, mb):
-      (_, (nll, tokens)), g = grad_fn(params, mb, model, z_loss)
+      (_, (nll, tokens)), g = grad_fn(params, mb, cfg, z_loss)
       acc_g, acc_nll, acc_tokens = carry
       return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll, acc_tokens + tokens), None
 
@@ -173,7 +113,7 @@ def abstract_state(model: Transformer, tx, batch_shape: tuple[int, int], rng):
 def state_shardings(model: Transformer, tx, batch_shape, mesh, rng) -> State:
   """NamedShardings for every leaf of the state, from the logical-axis rules."""
   boxed, abstract_opt = abstract_state(model, tx, batch_shape, rng)
-  params = sharding.logical_shardings(boxed['params'], mesh)
+  params = param_shardings(model.cfg, mesh)
   return {
     'params': params,
     'opt_state': sharding.like_params(abstract_opt, nn.unbox(boxed['params']), params, mesh),
@@ -196,39 +136,6 @@ def init_state(model: Transformer, tx, batch_shape, mesh, rng, shardings: State)
 
 
 # ----------------------------------------------------------------------------
-# Data.
-
-
-def make_iterator(config, split: str, *, model_cfg: ModelConfig, num_epochs=None) -> Iterator:
-  """This host's batches of `split` for `config.data`."""
-  if config.data.dataset in finetune.DATASETS:
-    return finetune.make_iterator(config, split, model_cfg=model_cfg, num_epochs=num_epochs)
-  if config.data.dataset == 'synthetic':
-    return synthetic.SyntheticIterator(
-      vocab_size=model_cfg.vocab_size,
-      batch_size=config.batch_size,
-      seq_len=config.seq_len,
-      seed=config.seed,
-      num_sequences=config.data.synthetic_num_sequences,
-      split=split,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-  from llm.data import pipeline
-
-  return pipeline.make_iterator(
-    config.data,
-    split=split,
-    batch_size=config.batch_size,
-    seq_len=config.seq_len,
-    seed=config.seed,
-    shuffle=split == 'train',
-    num_epochs=num_epochs,
-    vocab_size=model_cfg.vocab_size,
-  )
-
-
-# ----------------------------------------------------------------------------
 # The loop.
 
 
@@ -247,9 +154,11 @@ class Trainer:
 
   @classmethod
   def create(cls, config, devices=None) -> 'Trainer':
-    check_config(config)
+    """Checks `config`, builds the mesh, resolves the model's kernels for its platform."""
+    config_lib.check(config)
     mesh = sharding.make_mesh(config.mesh, devices)
-    model_cfg = ModelConfig.from_dict(config.model)
+    model_cfg = resolve(ModelConfig.from_dict(config.model), mesh)
+    streams.check(config.data, model_cfg)
     model = Transformer(model_cfg)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     accum = int(config.optim.grad_accum)
@@ -263,7 +172,7 @@ class Trainer:
     shardings = state_shardings(model, tx, batch_shape, mesh, jax.random.key(config.seed))
     batch_shardings = sharding.batch_sharding(mesh)
     step = functools.partial(
-      train_step, model=model, tx=tx, schedule=schedule, grad_accum=accum, z_loss=config.z_loss
+      train_step, cfg=model_cfg, tx=tx, schedule=schedule, grad_accum=accum, z_loss=config.z_loss
     )
     step_fn = jax.jit(
       step,
@@ -294,7 +203,7 @@ class Trainer:
     The restore targets this trainer's shardings, so a checkpoint written on
     any mesh continues on this one.
     """
-    train_iter = make_iterator(self.config, 'train', model_cfg=self.model_cfg)
+    train_iter = streams.make_iterator(streams.Stream.of(self.config, 'train'), self.model_cfg)
     step = ckpt.latest_step()
     if step is None:
       state = self.init_state()
@@ -318,24 +227,30 @@ class Trainer:
     with sharding.rules_context(self.mesh):
       return self.step_fn(state, sharding.global_batch(host_batch, self.mesh))
 
+  @functools.cached_property
+  def _eval_options(self) -> dict:
+    tok = streams.tokenizer_of(self.config.data)
+    return streams.eval_options(self.config.data, tok, self.model_cfg.vocab_size)
+
   def evaluate(self, params) -> dict:
-    """Loss, perplexity and bits per byte over `eval_steps` validation batches (<= 0: all)."""
+    """The eval split's metrics over `eval_steps` batches (<= 0: all), the same as
+    `python -m llm.evaluate` reports."""
     c = self.config
-    if c.data.dataset in finetune.DATASETS:  # Response-token loss; accuracy and macro-F1.
-      return finetune_metrics.evaluate_config(
-        self.model_cfg, params, c, mesh=self.mesh, max_batches=max(c.eval_steps, 0)
-      )
-    return evaluate_lib.evaluate_split(
-      self.model_cfg,
-      params,
-      c.data,
-      split='validation',
-      batch_size=c.batch_size,
-      seq_len=c.seq_len,
-      mesh=self.mesh,
-      seed=c.seed,
-      max_batches=max(c.eval_steps, 0),
+    batches = streams.make_iterator(
+      streams.Stream.of(c, 'validation', num_epochs=1), self.model_cfg
     )
+    try:
+      return losses.evaluate(
+        self.model_cfg,
+        params,
+        batches,
+        mesh=self.mesh,
+        max_batches=max(c.eval_steps, 0),
+        **self._eval_options,
+      )
+    finally:
+      if hasattr(batches, 'close'):
+        batches.close()
 
 
 def _check_finite(rows: list[tuple[int, dict]]) -> None:
@@ -348,50 +263,59 @@ def _check_finite(rows: list[tuple[int, dict]]) -> None:
       )
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the job may be retried and will resume.
+class _Meter:
+  """Step metrics kept on device until a log step, then timed, checked and written.
 
-
-class PreemptedError(Exception):
-  """Raised after the state was saved on SIGTERM; the run resumes from that step."""
-
-
-class _PreemptionFlag:
-  """Turns SIGTERM (what a preempted TPU VM gets) into a flag checked between steps.
-
-  With several hosts, they agree on the step through JAX's preemption sync
-  point (set up by `jax.distributed.initialize`), so all save the same step.
-  Signals after the first only log: the save in progress must finish.
+  The first step compiles; its time is kept out of the step time, and so is
+  evaluation's (`restart`).
   """
 
-  def __init__(self):
-    self._set = False
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+  def __init__(self, trainer: Trainer, writer: metrics_lib.Writer, start: int):
+    c = trainer.config
+    self._writer, self._start, self._total = writer, start, c.total_steps
+    self._tokens = c.batch_size * c.seq_len
+    self._flops = metrics_lib.train_flops_per_token(trainer.model_cfg, c.seq_len) * self._tokens
+    peak = c.peak_flops or metrics_lib.device_peak_flops(trainer.model_cfg.dtype)
+    self._peak = peak * jax.device_count()
+    self._pending: list[tuple[int, dict]] = []
+    self._loop_start = self._last_time = time.perf_counter()
+    self._last_step = start
+    self._first_step_time = 0.0
+    self.last_row: dict = {}
 
-  def _handle(self, signum, frame):
-    del frame
-    if self._set:
-      print(f'Signal {signum} again: still saving, please wait.', flush=True)
-    self._set = True
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+    if step == self._start + 1:
+      jax.block_until_ready(metrics)
+      self.restart(step)
+      self._first_step_time = self._last_time - self._loop_start
+      print(f'Compiled and ran the first step in {self._first_step_time:.1f}s.', flush=True)
 
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+  def restart(self, step: int | None = None) -> None:
+    self._last_time = time.perf_counter()
+    if step is not None:
+      self._last_step = step
 
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._set
+  def log(self, step: int) -> None:
+    pending = jax.device_get(self._pending)
+    _check_finite(pending)
+    now = time.perf_counter()
+    steps = step - self._last_step
+    step_time = (now - self._last_time) / steps if steps else self._first_step_time
+    self.last_row = {
+      **{k: float(v) for k, v in pending[-1][1].items()},
+      'step_time': step_time,
+      'tokens_per_second': self._tokens / step_time,
+      'mfu': self._flops / step_time / self._peak,
+    }
+    self._writer.write('metrics', step, self.last_row)
+    elapsed, done = now - self._loop_start, step - self._start
+    print(metrics_lib.progress_line(step, self._total, self.last_row, elapsed, done), flush=True)
+    self._pending, self._last_time, self._last_step = [], now, step
 
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `config`, resuming from `workdir`'s newest checkpoint; returns the last row.
-
-  Raises `PreemptedError` after saving when SIGTERM arrives.
-  """
+def _open(config: ml_collections.ConfigDict, workdir: str):
+  """The trainer, checkpointer, restored state and data stream of a run in `workdir`."""
   trainer = Trainer.create(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -404,75 +328,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     async_save=config.async_checkpointing,
   )
   state, train_iter = trainer.restore_or_init(ckpt)
-  start = int(state['step'])
+  # After the stream is built: it trains the dataset's tokenizer if it was missing.
+  checkpoint.save_tokenizer(workdir, streams.tokenizer_of(config.data))
+  return trainer, ckpt, state, train_iter
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config`, resuming from `workdir`'s newest checkpoint; returns the last row.
+
+  Raises `PreemptedError` after saving when SIGTERM arrives.
+  """
+  trainer, ckpt, state, train_iter = _open(config, workdir)
+  start, total = int(state['step']), config.total_steps
   writer = metrics_lib.Writer(workdir, resume_step=start)
-  peak = config.peak_flops or metrics_lib.device_peak_flops(trainer.model_cfg.dtype)
-  flops_per_step = (
-    metrics_lib.train_flops_per_token(trainer.model_cfg, config.seq_len)
-    * config.batch_size
-    * config.seq_len
-  )
-  tokens_per_step = config.batch_size * config.seq_len
-  total = config.total_steps
   print(
     f'Training {sum(x.size for x in jax.tree.leaves(state["params"])):,} parameters on mesh '
     f'{dict(trainer.mesh.shape)}, steps {start}..{total}.',
     flush=True,
   )
-
-  preemption = _PreemptionFlag()
-  pending: list[tuple[int, dict]] = []
-  last_row: dict = {}
-  loop_start = last_time = time.perf_counter()
-  last_step = start
+  meter = _Meter(trainer, writer, start)
+  preemption = PreemptionFlag()
   try:
-    for step in range(start, total):
+    for step in range(start + 1, total + 1):
       state, m = trainer.step(state, next(train_iter))
-      pending.append((step + 1, m))
-      if step == start:
-        # The first step compiles; keep it out of the step time.
-        jax.block_until_ready(m)
-        last_time, last_step = time.perf_counter(), step + 1
-        first_step_time = last_time - loop_start
-        print(f'Compiled and ran the first step in {first_step_time:.1f}s.', flush=True)
-      done = step + 1 == total
-      preempted = preemption.reached(step + 1)
-      if (step + 1) % config.log_every == 0 or done or preempted:
-        pending = jax.device_get(pending)
-        _check_finite(pending)
-        now = time.perf_counter()
-        steps = step + 1 - last_step
-        step_time = (now - last_time) / steps if steps else first_step_time
-        last_row = {
-          **{k: float(v) for k, v in pending[-1][1].items()},
-          'step_time': step_time,
-          'tokens_per_second': tokens_per_step / step_time,
-          'mfu': flops_per_step / step_time / (peak * jax.device_count()),
-        }
-        writer.write('metrics', step + 1, last_row)
-        print(
-          metrics_lib.progress_line(step + 1, total, last_row, now - loop_start, step + 1 - start),
-          flush=True,
-        )
-        pending, last_time, last_step = [], now, step + 1
-      if (step + 1) % config.checkpoint_every == 0 or done or preempted:
-        ckpt.save(step + 1, state, train_iter.get_state(), config)
+      meter.add(step, m)
+      done, preempted = step == total, preemption.reached(step)
+      if step % config.log_every == 0 or done or preempted:
+        meter.log(step)
+      if step % config.checkpoint_every == 0 or done or preempted:
+        ckpt.save(step, state, train_iter.get_state(), config)
       if preempted:
         ckpt.wait()
         raise PreemptedError(
-          f'PreemptedError: saved step {step + 1} in {ckpt.directory}; rerun to resume.'
+          f'PreemptedError: saved step {step} in {ckpt.directory}; rerun to resume.'
         )
-      if config.eval_every > 0 and ((step + 1) % config.eval_every == 0 or done):
+      if config.eval_every > 0 and (step % config.eval_every == 0 or done):
         eval_row = trainer.evaluate(state['params'])
-        writer.write('eval', step + 1, eval_row)
-        print(f'eval at step {step + 1}: ' + json.dumps(eval_row), flush=True)
-        last_time = time.perf_counter()  # Keep evaluation out of the step time.
+        writer.write('eval', step, eval_row)
+        print(f'eval at step {step}: ' + json.dumps(eval_row), flush=True)
+        meter.restart()
   finally:
     preemption.restore()
     ckpt.wait()
     ckpt.close()
     writer.close()
-  return last_row
+  return meter.last_row
 
 
 def main(argv):
@@ -482,7 +382,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
   if flags.FLAGS.multihost:
     # Cloud TPU VMs: finds the other workers itself. Also sets up the
-    # preemption sync point that _PreemptionFlag relies on.
+    # preemption sync point that PreemptionFlag relies on.
     jax.distributed.initialize()
 
   try:

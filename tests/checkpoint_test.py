@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from llm import checkpoint, train
+from llm import train
+from llm.convert import commands
+from llm.io import checkpoint, models
 from llm.model import ModelConfig
 from tests.train_test import _batches, tiny_config
 
@@ -192,12 +194,14 @@ def test_a_corrupt_checkpoint_stops_naming_its_path(tmp_path):
 def test_params_only_export_loads_without_optimizer_state(tmp_path, dtype):
   c = tiny_config(total_steps=2)
   _, state = _train_in_process(c, tmp_path / 'run', None)
-  cfg, params, config = checkpoint.load_params(str(tmp_path / 'run'))
+  source = models.open(str(tmp_path / 'run'))
+  cfg, params, config = source.model_cfg, source.read(), source.config
   assert cfg == ModelConfig.from_dict(c.model) and config['total_steps'] == 2
   jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state['params']))
-  checkpoint.export_params(str(tmp_path / 'run'), str(tmp_path / 'export'), dtype)
+  commands.write_params(str(tmp_path / 'run'), str(tmp_path / 'export'), dtype=dtype)
   assert not (tmp_path / 'export' / 'checkpoints').exists()
-  cfg2, exported, none = checkpoint.load_params(str(tmp_path / 'export'))
+  export = models.open(str(tmp_path / 'export'))
+  cfg2, exported, none = export.model_cfg, export.read(), export.config
   assert cfg2 == cfg and none is None
   assert all(x.dtype == np.dtype(dtype) for x in jax.tree.leaves(exported))
   jax.tree.map(
@@ -215,7 +219,7 @@ def test_a_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='neither a training workdir'):
-    checkpoint.load_params(str(tmp_path))
+    models.open(str(tmp_path))
 
 
 def test_batches_continue_after_restore():

@@ -1,11 +1,23 @@
-"""Ahead-of-time compilation reports memory and FLOPs without allocating the state."""
+"""Ahead-of-time compilation reports memory and FLOPs without allocating the state.
 
+A TPU topology compiled on this CPU host must get the TPU program: the kernels
+are picked from the mesh's devices, not from the host (llm/model/kernels.py).
+"""
+
+import os
+
+import jax
 import pytest
 
 from llm import compile as compile_lib
 from llm import metrics, model
 from llm.model import ModelConfig
 from tests.train_test import tiny_config
+
+# From its first use to the end of the process libtpu holds a host-wide lock
+# file, which fails any other process's topology (another pytest on this host);
+# compiling opens no chip, so the processes may share libtpu.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
 def test_compile_reports_memory_and_flops_for_a_sharded_step():
@@ -25,3 +37,28 @@ def test_compile_reports_memory_and_flops_for_a_sharded_step():
 def test_unknown_topology_is_a_clear_error():
   with pytest.raises(ValueError, match="Cannot build TPU topology 'v99:1x1'"):
     compile_lib.topology_devices('v99:1x1')
+
+
+def _cpu_variant_traces(devices) -> dict[str, bool]:
+  """Which traces of the CPU kernels a tiny bfloat16 train step compiled for `devices` has."""
+  c = tiny_config(**{'model.dtype': 'bfloat16', 'mesh.data': 1, 'mesh.fsdp': -1})
+  report = compile_lib.compile_train_step(c, devices)
+  # 'cpu_kernel' is the named scope of both CPU gradients: XLA keeps it in each
+  # op's op_name (jit(train_step)/.../cpu_kernel/...) through the CPU and the
+  # TPU compilers alike. With its slashes, so that a Python function named
+  # like it (the HLO text lists the traced call stacks) does not count. The
+  # matmul gradient's optimization barrier is looked for in the StableHLO as
+  # traced, since both compilers expand barriers away: no compiled program shows
+  # an opt-barrier. (This config has no remat, whose barriers would count too.)
+  return {
+    'scope': '/cpu_kernel/' in report.compiled.as_text(),
+    'barrier': 'stablehlo.optimization_barrier' in report.lowered.as_text(debug_info=True),
+  }
+
+
+def test_a_tpu_topology_gets_none_of_the_cpu_kernels():
+  pytest.importorskip('libtpu', reason='TPU topologies need libtpu: requirements-tpu.txt')
+  tpu_devices = compile_lib.topology_devices('v5e:2x2')
+  assert _cpu_variant_traces(tpu_devices) == {'scope': False, 'barrier': False}
+  # The same config for this host's CPUs has both, so the test can see them.
+  assert _cpu_variant_traces(jax.devices()[:4]) == {'scope': True, 'barrier': True}

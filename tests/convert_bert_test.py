@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -23,6 +24,7 @@ from llm import generate
 from llm import model as model_lib
 from llm.convert import hf, safetensors_io
 from llm.data import tokenizer as data_tokenizer
+from llm.io import models
 from llm.model import ModelConfig, Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
@@ -68,7 +70,7 @@ def _tensors(hf_dir):
 
 
 def _random_params(cfg, seed=0):
-  shapes = model_lib.nn.unbox(model_lib.abstract_params(cfg))
+  shapes = nn.unbox(model_lib.abstract_params(cfg))
   rng = np.random.RandomState(seed)
   return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
@@ -342,10 +344,10 @@ def test_fill_mask_top_prediction_is_transformers():
 def test_fill_mask_loads_a_hugging_face_directory_and_an_import(tmp_path):
   from llm.convert import commands
 
-  cfg, params, tok = fill_mask_lib.load(BERT)
+  cfg, params, tok = models.load(BERT)
   want = fill_mask_lib.fill_mask(cfg, params, tok, 'my dog is [MASK]')
   commands.import_hf(BERT, str(tmp_path / 'imported'))
-  cfg, params, tok = fill_mask_lib.load(str(tmp_path / 'imported'))
+  cfg, params, tok = models.load(str(tmp_path / 'imported'))
   assert fill_mask_lib.fill_mask(cfg, params, tok, 'my dog is [MASK]') == want
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm import checkpoint
 from llm.convert import hf
+from llm.io import checkpoint, models
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_save_load_round_trip(tmp_path):
   cfg, params = hf.load(os.path.join(FIXTURES, 'llama'))
   checkpoint.save_params(str(tmp_path), cfg, params)
-  cfg2, params2, _ = checkpoint.load_params(str(tmp_path))
+  source = models.open(str(tmp_path))
+  cfg2, params2 = source.model_cfg, source.read()
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   with pytest.raises(ValueError, match='already holds params'):
@@ -30,16 +31,15 @@ def test_load_onto_a_mesh(tmp_path):
   cfg, params = hf.load(os.path.join(FIXTURES, 'gpt2'))
   checkpoint.save_params(str(tmp_path), cfg, params)
   mesh = jax.make_mesh((8,), ('data',))
-  _, params2, _ = checkpoint.load_params(
-    str(tmp_path), shardings=NamedSharding(mesh, PartitionSpec())
-  )
+  source = models.open(str(tmp_path))
+  params2 = source.read(jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), source.shapes))
   assert params2['embedding'].sharding.mesh.shape == {'data': 8}
   np.testing.assert_array_equal(np.asarray(params2['embedding']), params['embedding'])
 
 
 def test_not_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match='model_config.json'):
-    checkpoint.load_params(str(tmp_path))
+    models.open(str(tmp_path))
 
 
 def _cli(*args):

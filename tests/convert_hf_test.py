@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
@@ -50,7 +51,7 @@ def _random_params(cfg, seed=0):
 
   Drawn with numpy from the abstract shapes: `Transformer.init` takes seconds.
   """
-  shapes = model_lib.nn.unbox(model_lib.abstract_params(cfg))
+  shapes = nn.unbox(model_lib.abstract_params(cfg))
   rng = np.random.RandomState(seed)
   return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 

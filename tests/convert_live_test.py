@@ -14,6 +14,7 @@ and ours -> HF (`from_pretrained`) gives the same logits.
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
@@ -134,7 +135,7 @@ OUR_CASES = {
 @pytest.mark.parametrize('name', sorted(OUR_CASES))
 def test_ours_to_transformers(name, dtype, tmp_path):
   cfg = OUR_CASES[name]
-  shapes = model_lib.nn.unbox(model_lib.abstract_params(cfg))
+  shapes = nn.unbox(model_lib.abstract_params(cfg))
   rng = np.random.RandomState(0)
   params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
   hf.save(cfg, params, str(tmp_path), dtype=dtype)

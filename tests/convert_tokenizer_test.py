@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from llm.convert import hf
-from llm.convert import tokenizer as tokenizer_lib
+from llm.data import hf_tokenizer as tokenizer_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
 

@@ -5,8 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from experiments import base
-from llm.data import pipeline, synthetic, tokenizer
+from llm import config as config_lib
+from llm.data import pipeline, streams, synthetic, tokenizer
+from llm.model import ModelConfig
+
+
+def _iterator(data, *, vocab_size=None, **stream):
+  """`stream`'s batches through the one dispatch training and evaluation use."""
+  model_cfg = None if vocab_size is None else ModelConfig(vocab_size=vocab_size)
+  return streams.make_iterator(streams.Stream(data, **stream), model_cfg)
+
 
 TOK = tokenizer.ByteTokenizer()
 # Lengths from 1 to ~90 bytes: many documents per 32-token row, and some longer than a row.
@@ -18,14 +26,18 @@ def make(seq_len=32, rows=4, seed=0, shuffle=True, num_epochs=1, index=0, count=
   dataset = pipeline.build(
     SOURCE,
     TOK,
+    stream=streams.Stream(
+      None,
+      'train',
+      batch_size=rows * count,
+      seq_len=seq_len,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      process_index=index,
+      process_count=count,
+    ),
     field='text',
-    rows=rows,
-    seq_len=seq_len,
-    seed=seed,
-    shuffle=shuffle,
-    num_epochs=num_epochs,
-    process_index=index,
-    process_count=count,
   )
   return pipeline.Iterator(dataset, {'seed': seed})
 
@@ -140,14 +152,18 @@ def test_hosts_read_disjoint_slices_covering_the_split():
     it = pipeline.build(
       source,
       TOK,
+      stream=streams.Stream(
+        None,
+        'train',
+        batch_size=2 * 2,
+        seq_len=32,
+        seed=0,
+        shuffle=True,
+        num_epochs=None,
+        process_index=i,
+        process_count=2,
+      ),
       field='text',
-      rows=2,
-      seq_len=32,
-      seed=0,
-      shuffle=True,
-      num_epochs=None,
-      process_index=i,
-      process_count=2,
       read_threads=1,
       prefetch_batches=1,
     )
@@ -173,14 +189,18 @@ def test_more_hosts_than_documents():
     pipeline.build(
       SOURCE[:1],
       TOK,
+      stream=streams.Stream(
+        None,
+        'train',
+        batch_size=1 * 2,
+        seq_len=8,
+        seed=0,
+        shuffle=False,
+        num_epochs=None,
+        process_index=0,
+        process_count=2,
+      ),
       field='text',
-      rows=1,
-      seq_len=8,
-      seed=0,
-      shuffle=False,
-      num_epochs=None,
-      process_index=0,
-      process_count=2,
     )
 
 
@@ -189,14 +209,18 @@ def test_missing_text_field():
     pipeline.build(
       SOURCE,
       TOK,
+      stream=streams.Stream(
+        None,
+        'train',
+        batch_size=1,
+        seq_len=8,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+      ),
       field='body',
-      rows=1,
-      seq_len=8,
-      seed=0,
-      shuffle=False,
-      num_epochs=1,
-      process_index=0,
-      process_count=1,
     )
 
 
@@ -213,12 +237,12 @@ def test_bad_sizes(kwargs, message):
   args = dict(split='train', batch_size=4, seq_len=8, seed=0, process_index=0, process_count=1)
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
-    pipeline.make_iterator(base.data_config(), vocab_size=16, **args)
+    _iterator(config_lib.data_config(), vocab_size=16, **args)
 
 
 def test_synthetic_dataset():
-  cfg = base.data_config()
-  it = pipeline.make_iterator(
+  cfg = config_lib.data_config()
+  it = _iterator(
     cfg,
     split='train',
     batch_size=4,
@@ -237,14 +261,18 @@ def test_worker_processes_give_the_same_stream_and_resume():
     dataset = pipeline.build(
       SOURCE,
       TOK,
+      stream=streams.Stream(
+        None,
+        'train',
+        batch_size=4,
+        seq_len=32,
+        seed=0,
+        shuffle=True,
+        num_epochs=None,
+        process_index=0,
+        process_count=1,
+      ),
       field='text',
-      rows=4,
-      seq_len=32,
-      seed=0,
-      shuffle=True,
-      num_epochs=None,
-      process_index=0,
-      process_count=1,
       worker_count=worker_count,
     )
     it = pipeline.Iterator(dataset, {}, copy=worker_count > 0)

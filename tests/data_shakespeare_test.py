@@ -8,7 +8,7 @@ import tempfile
 import pytest
 from etils import epath
 
-from experiments import base
+from llm import config as config_lib
 from llm.data import shakespeare, sources
 
 SCENE = '\n\n'.join(
@@ -60,7 +60,7 @@ def test_rejects_an_archive_that_is_not_the_release():
 def test_prepares_passages_in_both_splits(archive, tmp_path):
   path = tmp_path / shakespeare.ARCHIVE_NAME
   path.write_bytes(archive)
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   cfg.update(dataset='shakespeare', data_dir=str(tmp_path / 'data'), shakespeare_archive=str(path))
   b = sources.prepare(cfg)
   docs = {split: [ds[i] for i in range(len(ds))] for split, ds in b.as_data_source().items()}

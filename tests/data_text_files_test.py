@@ -8,14 +8,22 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from experiments import base
-from llm.data import pipeline, prepare, sources, text_files, tokenizer
+from llm import config as config_lib
+from llm.data import prepare, sources, streams, text_files, tokenizer
+from llm.model import ModelConfig
+
+
+def _iterator(data, *, vocab_size=None, **stream):
+  """`stream`'s batches through the one dispatch training and evaluation use."""
+  model_cfg = None if vocab_size is None else ModelConfig(vocab_size=vocab_size)
+  return streams.make_iterator(streams.Stream(data, **stream), model_cfg)
+
 
 LINES = [f'line {i}: the quick brown fox jumps over the lazy dog {i * i}' for i in range(40)]
 
 
 def config(tmp_path, pattern, **overrides):
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   cfg.dataset = 'text_files'
   cfg.data_dir = str(tmp_path / 'data')
   cfg.text_files = str(tmp_path / pattern)
@@ -156,7 +164,7 @@ def test_bad_settings(tmp_path, overrides, message):
 
 
 def test_catalog_dataset_not_prepared(tmp_path):
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   cfg.dataset = 'lm1b'
   cfg.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="'lm1b' is not prepared.*tfds build lm1b"):
@@ -168,7 +176,7 @@ def test_prepare_tokenizer_and_pipeline_end_to_end(corpus, tmp_path):
   cfg = config(corpus, 'a.txt', text_unit='line', data_dir=str(tmp_path / 'data'))
   cfg.tokenizer = ''
   cfg.spm_vocab_size = 300
-  it = pipeline.make_iterator(
+  it = _iterator(
     cfg,
     split='validation',
     batch_size=2,
@@ -193,7 +201,7 @@ def test_prepare_tokenizer_and_pipeline_end_to_end(corpus, tmp_path):
 def test_model_vocab_too_small(corpus, tmp_path):
   cfg = config(corpus, 'a.txt', text_unit='line', data_dir=str(tmp_path / 'data'))
   with pytest.raises(ValueError, match='model.vocab_size=100 is smaller than the tokenizer'):
-    pipeline.make_iterator(
+    _iterator(
       cfg,
       split='train',
       batch_size=2,
@@ -238,9 +246,9 @@ class TinyCatalog(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def test_catalog_dataset_prepared_by_the_user(tmp_path):
   TinyCatalog(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   cfg.update(dataset='tiny_catalog', data_dir=str(tmp_path), text_field='body', eval_split='test')
-  it = pipeline.make_iterator(
+  it = _iterator(
     cfg,
     split='validation',
     batch_size=2,
@@ -259,7 +267,7 @@ def test_catalog_dataset_prepared_by_the_user(tmp_path):
     sources.data_source(cfg, 'validation')
   cfg.text_field = 'text'
   with pytest.raises(KeyError, match="text_field='text'.*body"):
-    pipeline.make_iterator(cfg, split='train', batch_size=2, seq_len=8, seed=0, process_count=1)
+    _iterator(cfg, split='train', batch_size=2, seq_len=8, seed=0, process_count=1)
   # A TFRecord copy cannot be read without TensorFlow: say how to convert it.
   info_path = tmp_path / 'tiny_catalog' / '1.0.0' / 'dataset_info.json'
   info = json.loads(info_path.read_text())

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from experiments import base
+from llm import config as config_lib
 from llm.data import tokenizer
 
 AWKWARD = [
@@ -88,7 +88,7 @@ def test_empty_training_text():
 
 
 def test_load_byte_and_saved_model(spm_tok, tmp_path):
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   assert isinstance(tokenizer.load(cfg), tokenizer.ByteTokenizer)
   path = tmp_path / 'tok.model'
   tokenizer.save(spm_tok, path)
@@ -99,7 +99,7 @@ def test_load_byte_and_saved_model(spm_tok, tmp_path):
 
 
 def test_load_missing_model(tmp_path):
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   cfg.tokenizer = str(tmp_path / 'missing.model')
   with pytest.raises(FileNotFoundError, match='missing.model'):
     tokenizer.load(cfg)

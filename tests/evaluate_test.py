@@ -16,11 +16,20 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from experiments import base
-from llm import checkpoint, evaluate, generate, sharding
+from llm import config as config_lib
+from llm import generate, sharding
 from llm import model as model_lib
-from llm.data import pipeline, sources, tokenizer
+from llm.data import sources, streams, tokenizer
+from llm.eval import choice, generation, lm, tasks
+from llm.io import checkpoint
 from llm.model import ModelConfig, Transformer
+
+
+def _iterator(data, *, vocab_size=None, **stream):
+  """`stream`'s batches through the one dispatch training and evaluation use."""
+  model_cfg = None if vocab_size is None else ModelConfig(vocab_size=vocab_size)
+  return streams.make_iterator(streams.Stream(data, **stream), model_cfg)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = tokenizer.ByteTokenizer()
@@ -81,7 +90,7 @@ def trained_params():
 def test_multiple_choice_accuracy_on_a_task_forced_by_training():
   answers = [a for _, a in FACTS]
   examples = [{'context': c, 'choices': answers, 'label': i} for i, (c, _) in enumerate(FACTS)]
-  summary, rows = evaluate.choice_task(CFG, trained_params(), TOK, examples, batch_size=8)
+  summary, rows = choice.choice_task(CFG, trained_params(), TOK, examples, batch_size=8)
   assert summary == {'accuracy': 1.0, 'accuracy_norm': 1.0, 'examples': 4}
   assert [r['prediction'] for r in rows] == [0, 1, 2, 3]
   # The scores are log-likelihoods of the choice's tokens after the context's.
@@ -95,7 +104,9 @@ def test_multiple_choice_accuracy_on_a_task_forced_by_training():
 
 def test_generation_task_scores_the_completions():
   examples = [{'prompt': c, 'reference': a} for c, a in FACTS]
-  summary, rows = evaluate.generation_task(CFG, trained_params(), TOK, examples, max_new_tokens=40)
+  summary, rows = generation.generation_task(
+    CFG, trained_params(), TOK, examples, max_new_tokens=40
+  )
   assert [r['output'] for r in rows] == [a for _, a in FACTS]
   assert all(r['finish_reason'] == 'eos' for r in rows)
   assert summary['bleu'] == pytest.approx(100.0) and summary['rougeL'] == pytest.approx(1.0)
@@ -104,7 +115,7 @@ def test_generation_task_scores_the_completions():
 def test_bleu_chrf_and_rouge_equal_the_libraries():
   outputs = ['the cat sat on the mat today', 'a quick brown dog', 'hello world', '']
   refs = ['the cat is on the mat', 'the quick brown fox jumps', 'hello there world', 'nothing']
-  got = evaluate.generation_scores(outputs, refs)
+  got = generation.generation_scores(outputs, refs)
   scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL'])
   scores = [scorer.score(r, o) for o, r in zip(outputs, refs, strict=True)]
   assert got['bleu'] == sacrebleu.corpus_bleu(outputs, [refs]).score
@@ -125,7 +136,7 @@ TEXTS = [
 def test_token_bytes_count_the_text_bytes():
   spm = tokenizer.train_sentencepiece(TEXTS * 20, vocab_size=300, model_type='bpe', max_lines=200)
   for tok in (TOK, spm):
-    table = evaluate.token_bytes(tok, 512)
+    table = tokenizer.token_bytes(tok, 512)
     assert table[[tok.pad_id, tok.bos_id, tok.eos_id]].tolist() == [0, 0, 0]
     for text in TEXTS:
       assert table[tok.encode(text)].sum() == len(text.encode('utf-8')), (tok, text)
@@ -133,7 +144,7 @@ def test_token_bytes_count_the_text_bytes():
 
 def text_files_config(tmp_path, tok='byte'):
   (tmp_path / 'a.txt').write_text('\n'.join(f'{i}: {TEXTS[i % 4]} {i * i}' for i in range(40)))
-  cfg = base.data_config()
+  cfg = config_lib.data_config()
   cfg.update(
     dataset='text_files',
     data_dir=str(tmp_path / 'data'),
@@ -149,12 +160,12 @@ def test_perplexity_and_bits_per_byte_over_a_split_on_a_mesh(tmp_path):
   data = text_files_config(tmp_path)
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   params = generate.place_params(CFG, random_params(), mesh)
-  got = evaluate.evaluate_split(
-    CFG, params, data, split='validation', batch_size=4, seq_len=32, mesh=mesh
+  got = lm.evaluate_split(
+    CFG, params, data, split='validation', batch_size=4, seq_len=32, mesh=mesh, prepare=True
   )
   # The same sums, computed batch by batch on one device.
   nll = tokens = 0.0
-  for b in pipeline.make_iterator(
+  for b in _iterator(
     data, split='validation', batch_size=4, seq_len=32, seed=0, shuffle=False, num_epochs=1
   ):
     logits = jax.jit(Transformer(CFG).apply)(
@@ -179,10 +190,10 @@ def test_task_files_are_checked(tmp_path):
     json.dumps({'prompt': 'a', 'reference': 'b'}) + '\n' + json.dumps({'prompt': 'c'})
   )
   with pytest.raises(ValueError, match=r"task.jsonl:2 lacks the field 'reference'"):
-    evaluate.read_jsonl(str(path), {'prompt': str, 'reference': str})
+    tasks.read_jsonl(str(path), {'prompt': str, 'reference': str})
   bad_label = [{'context': 'x', 'choices': ['a', 'b'], 'label': 2}]
   with pytest.raises(ValueError, match='label 2 is not an index into its 2 choices'):
-    evaluate.choice_task(CFG, random_params(), TOK, bad_label)
+    choice.choice_task(CFG, random_params(), TOK, bad_label)
 
 
 def test_cli_writes_summary_and_examples_next_to_the_checkpoint(tmp_path):

@@ -6,10 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import base
-from llm import checkpoint, finetune_metrics, train
-from llm.data import classification, sft
+from llm import config as config_lib
+from llm import losses, train
+from llm.convert import commands
+from llm.data import classification, sft, streams
 from llm.data import tokenizer as tokenizer_lib
+from llm.io import checkpoint, models
+from llm.model import ModelConfig
 
 TOK = tokenizer_lib.ByteTokenizer()
 
@@ -20,7 +23,7 @@ def _write(path, rows):
 
 
 def _data(dataset, train_files, eval_files='', **overrides):
-  d = base.data_config()
+  d = config_lib.data_config()
   d.dataset, d.tokenizer, d.train_files, d.eval_files = dataset, 'byte', train_files, eval_files
   d.update(overrides)
   return d
@@ -30,10 +33,14 @@ def _text(ids):
   return bytes(int(t) - 3 for t in ids if t > 2).decode()
 
 
-def _iter(d, split='train', batch_size=4, seq_len=64, **kw):
-  kw = dict(seed=0, process_index=0, process_count=1, **kw)
-  make = sft.make_iterator if d.dataset == 'sft' else classification.make_iterator
-  return make(d, split=split, batch_size=batch_size, seq_len=seq_len, **kw)
+def _iter(d, split='train', batch_size=4, seq_len=64, causal=None, token_types=None, **kw):
+  stream = streams.Stream(
+    d, split, batch_size, seq_len, seed=0, process_index=0, process_count=1, **kw
+  )
+  if d.dataset == 'sft':
+    return sft.make_iterator(stream)
+  model = {k: v for k, v in dict(causal=causal, token_types=token_types).items() if v is not None}
+  return classification.make_iterator(stream, **model)
 
 
 CHAT = {
@@ -178,20 +185,20 @@ def test_classification_bad_input(tmp_path):
   with pytest.raises(
     ValueError, match=r'model.num_labels=3 differs from the 2 classes of data.labels'
   ):
-    train.make_iterator(c, 'train', model_cfg=train.ModelConfig.from_dict(c.model))
+    streams.make_iterator(streams.Stream.of(c, 'train'), ModelConfig.from_dict(c.model))
 
 
 def test_macro_f1_and_accuracy():
   # true x predicted: class 0 2 right 1 wrong; class 1 1 right; class 2 absent.
-  m = finetune_metrics.classification_metrics([[2, 1, 0], [0, 1, 0], [0, 0, 0]])
+  m = losses.classification_metrics([[2, 1, 0], [0, 1, 0], [0, 0, 0]])
   assert m['accuracy'] == pytest.approx(3 / 4)
   assert m['macro_f1'] == pytest.approx((2 * 2 / (3 + 2) + 2 * 1 / (1 + 2)) / 2)
 
 
 def _tiny(data, **model):
-  c = base.get_config()
+  c = config_lib.get_config()
   shape = dict(vocab_size=259, num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64)
-  c.model = base.model_config(**{**shape, 'max_seq_len': 32, **model})
+  c.model = config_lib.model_config(**{**shape, 'max_seq_len': 32, **model})
   c.data = data
   c.batch_size, c.seq_len, c.total_steps = 16, 16, 30
   c.log_every, c.eval_every, c.eval_steps, c.checkpoint_every = 10, 30, 0, 1000
@@ -247,10 +254,10 @@ def test_classifier_learns_a_separable_task(tmp_path, causal):
 def pretrained(tmp_path_factory):
   """A workdir trained 3 steps (so Adam's moments are not zero) and its params."""
   workdir = str(tmp_path_factory.mktemp('base'))
-  c = _tiny(base.data_config())
+  c = _tiny(config_lib.data_config())
   c.total_steps, c.eval_every = 3, 0
   train.train_and_evaluate(c, workdir)
-  _, params, _ = checkpoint.load_params(workdir)
+  params = models.open(workdir).read()
   return workdir, params
 
 
@@ -274,7 +281,7 @@ def test_init_from_restores_params_but_not_the_optimizer_state(pretrained, tmp_p
   moments = [x for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0]
   assert moments and all(not np.any(np.asarray(x)) for x in moments)
   # The same from a params export.
-  checkpoint.export_params(base_dir, str(tmp_path / 'export'))
+  commands.write_params(base_dir, str(tmp_path / 'export'))
   c.init_from = str(tmp_path / 'export')
   state2, _ = train.Trainer.create(c).restore_or_init(ckpt)
   jax.tree.map(np.testing.assert_array_equal, state2['params']['layers'], source['layers'])
@@ -292,7 +299,7 @@ def test_init_from_restores_params_but_not_the_optimizer_state(pretrained, tmp_p
 
 
 def test_init_from_with_another_shape_names_the_param(pretrained, tmp_path):
-  c = _tiny(base.data_config(), d_ff=96)
+  c = _tiny(config_lib.data_config(), d_ff=96)
   c.eval_every, c.init_from = 0, pretrained[0]
   with pytest.raises(
     ValueError, match=r'The param layers/mlp/\S+ has shape .* but .* in this model'

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from llm import checkpoint, generate, sharding
+from llm import generate, sharding
 from llm import model as model_lib
 from llm.data.tokenizer import ByteTokenizer
+from llm.generate import text
+from llm.io import checkpoint
 from llm.model import ModelConfig, Transformer
 
 # Vocab (room for the byte tokenizer) and heads divisible by the test mesh's tensor=2.
@@ -237,9 +239,9 @@ def test_text_stop_strings_and_streaming():
 
 
 def test_stream_holds_back_a_possible_stop_string_start():
-  assert generate._stream_end('the end\n', ['\n\n']) == len('the end')
-  assert generate._stream_end('caf\ufffd', []) == 3
-  assert generate._stream_end('abc', ['xyz']) == 3
+  assert text._stream_end('the end\n', ['\n\n']) == len('the end')
+  assert text._stream_end('caf\ufffd', []) == 3
+  assert text._stream_end('abc', ['xyz']) == 3
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import base
+from llm import config as config_lib
 from llm import optim
 
 
 def _optim(**overrides):
-  c = base.get_config().optim
+  c = config_lib.get_config().optim
   c.update(overrides)
   return c
 

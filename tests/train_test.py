@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments import base
+from llm import config as config_lib
 from llm import metrics, train
 from llm.data import synthetic
 from llm.model import ModelConfig
 
 
 def tiny_config(**overrides):
-  c = base.get_config()
-  c.model = base.model_config(
+  c = config_lib.get_config()
+  c.model = config_lib.model_config(
     vocab_size=128, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128
   )
   c.batch_size = 8

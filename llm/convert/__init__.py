@@ -2,6 +2,7 @@
 
 `from llm.convert import hf`: `hf.load(dir) -> (ModelConfig, params)`,
 `hf.save(cfg, params, dir)`, `hf.load_tokenizer(dir)`, `hf.save_tokenizer`.
-`python -m llm.convert import|export` converts to and from params checkpoints
-(`llm/checkpoint.py` params-only export). Safetensors only: pickles are never loaded.
+`python -m llm.convert import|params|export` converts to and from params
+exports (`llm/io/checkpoint.py`). Tokenizer files are read by
+`llm/data/hf_tokenizer.py`. Safetensors only: pickles are never loaded.
 """

@@ -1,12 +1,15 @@
-"""Converts between Hugging Face model directories and params checkpoints.
+"""Converts between Hugging Face model directories, training workdirs and params exports.
 
   python -m llm.convert import --hf_dir=D --out=DIR [--param_dtype=bfloat16]
+  python -m llm.convert params --source=WORKDIR --out=DIR [--dtype=bfloat16]
   python -m llm.convert export --params=DIR --hf_dir=D [--dtype=bfloat16]
 
 `import` writes DIR/params (orbax), DIR/model_config.json and DIR/tokenizer/,
-which training (fine-tuning), generation and evaluation start from. `export`
-writes config.json, safetensors and tokenizer files that transformers'
-`from_pretrained` loads. Only safetensors are read: pickles are refused.
+which training (fine-tuning), generation and evaluation start from; `params`
+writes the same from a training workdir's newest checkpoint (or any other
+model). `export` writes config.json, safetensors and tokenizer files that
+transformers' `from_pretrained` loads, from an export, a workdir or a
+Hugging Face directory. Only safetensors are read: pickles are refused.
 """
 
 import sys
@@ -17,7 +20,10 @@ from llm.convert import commands
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory (read or written).')
 _OUT = flags.DEFINE_string('out', None, 'import: directory for the params checkpoint.')
-_PARAMS = flags.DEFINE_string('params', None, 'export: params checkpoint directory to read.')
+_PARAMS = flags.DEFINE_string(
+  'params', None, 'export: the model to export (params export, training workdir or HF dir).'
+)
+_SOURCE = flags.DEFINE_string('source', None, 'params: the model to write an export of.')
 _PARAM_DTYPE = flags.DEFINE_enum(
   'param_dtype', 'float32', ['float32', 'bfloat16'], 'import: dtype of the stored params.'
 )
@@ -25,7 +31,7 @@ _SCAN_LAYERS = flags.DEFINE_bool(
   'scan_layers', True, 'import: stack layers on a leading axis (the default model layout).'
 )
 _DTYPE = flags.DEFINE_enum(
-  'dtype', None, ['float32', 'bfloat16', 'float16'], 'export: dtype of the safetensors.'
+  'dtype', None, ['float32', 'bfloat16', 'float16'], 'export, params: dtype of the weights.'
 )
 _TOKENIZER = flags.DEFINE_string(
   'tokenizer', None, 'export: tokenizer files directory (default: PARAMS/tokenizer).'
@@ -34,14 +40,18 @@ _MAX_SHARD_GB = flags.DEFINE_float('max_shard_gb', 5.0, 'export: size past which
 
 _USAGE = (
   'Usage: python -m llm.convert import --hf_dir=D --out=DIR | '
+  'python -m llm.convert params --source=WORKDIR --out=DIR | '
   'python -m llm.convert export --params=DIR --hf_dir=D'
 )
+_NEEDED = {'import': ('hf_dir', 'out'), 'params': ('source', 'out'), 'export': ('params', 'hf_dir')}
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ('import', 'export'):
-    raise app.UsageError(f'Expected one command, import or export, got {argv[1:]}. {_USAGE}')
-  needed = ('hf_dir', 'out') if argv[1] == 'import' else ('params', 'hf_dir')
+  if len(argv) != 2 or argv[1] not in _NEEDED:
+    raise app.UsageError(
+      f'Expected one command, import, params or export, got {argv[1:]}. {_USAGE}'
+    )
+  needed = _NEEDED[argv[1]]
   missing = [f'--{n}' for n in needed if not flags.FLAGS[n].value]
   if missing:
     raise app.UsageError(f'{argv[1]} needs {" and ".join(missing)}. {_USAGE}')
@@ -51,6 +61,8 @@ def main(argv):
       commands.import_hf(
         _HF_DIR.value, _OUT.value, param_dtype=_PARAM_DTYPE.value, scan_layers=_SCAN_LAYERS.value
       )
+    elif argv[1] == 'params':
+      commands.write_params(_SOURCE.value, _OUT.value, dtype=_DTYPE.value)
     else:
       commands.export_hf(
         _PARAMS.value,

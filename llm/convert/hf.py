@@ -24,14 +24,22 @@ import tqdm
 
 from llm import model as model_lib
 from llm.convert import bert, gpt2, llama, safetensors_io
-from llm.convert import tokenizer as tokenizer_lib
+from llm.data import hf_tokenizer as tokenizer_lib
 from llm.model import ModelConfig
 
 _MODULES = (gpt2, llama, bert)
 FAMILIES = {m.ARCHITECTURE: m for m in _MODULES} | dict.fromkeys(bert.OTHER_ARCHITECTURES, bert)
 _BY_MODEL_TYPE = {m.MODEL_TYPE: m for m in _MODULES}
 # ModelConfig fields that change how the model runs, not what it computes.
-RUNTIME_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention_impl', 'max_seq_len')
+RUNTIME_FIELDS = (
+  'dtype',
+  'param_dtype',
+  'scan_layers',
+  'remat',
+  'attention_impl',
+  'platform',
+  'max_seq_len',
+)
 _NP_DTYPES = {
   'float32': np.dtype(np.float32),
   'bfloat16': np.dtype(ml_dtypes.bfloat16),

@@ -23,11 +23,11 @@ A text longer than seq_len follows `data.truncation` (`llm/data/examples.py`):
 sequence.
 """
 
-import jax
 import numpy as np
 
 from llm.data import examples as examples_lib
-from llm.data import jsonl
+from llm.data import jsonl, pipeline
+from llm.data.spec import Stream
 
 
 def label_names(data_config) -> list[str]:
@@ -78,26 +78,6 @@ def example(record, where, tok, *, labels: dict, seq_len: int, truncation: str) 
   return {**kept, 'label': np.int32(labels[str(label)])}
 
 
-def load_examples(data_config, split: str, tok, seq_len: int) -> list[dict]:
-  """Every example of `split`, tokenized; bad lines stop here, before any training."""
-  examples_lib.check_truncation(data_config.truncation)
-  labels = {name: i for i, name in enumerate(label_names(data_config))}
-  out, dropped = [], 0
-  for where, record in jsonl.read(examples_lib.files(data_config, split)):
-    ex = example(
-      record, where, tok, labels=labels, seq_len=seq_len, truncation=data_config.truncation
-    )
-    if ex is None:
-      dropped += 1
-    else:
-      out.append(ex)
-  if dropped:
-    print(f'data.truncation=drop left out {dropped} of the {split} examples.', flush=True)
-  if not out:
-    raise ValueError(f'No {split} example fits in seq_len={seq_len}.')
-  return out
-
-
 def row(ex: dict, *, seq_len: int, causal: bool, token_types: bool) -> dict:
   """One padded row (see the module docstring)."""
   n = len(ex['tokens'])
@@ -116,46 +96,25 @@ def row(ex: dict, *, seq_len: int, causal: bool, token_types: bool) -> dict:
 
 
 def make_iterator(
-  data_config,
-  *,
-  split: str,
-  batch_size: int,
-  seq_len: int,
-  seed: int,
-  shuffle: bool = True,
-  num_epochs: int | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  vocab_size: int | None = None,
-  num_labels: int | None = None,
-  causal: bool = True,
-  token_types: bool = False,
-):
-  """This host's batches of classification rows of `split`.
+  stream: Stream, *, vocab_size: int | None = None, causal: bool = True, token_types: bool = False
+) -> pipeline.Iterator:
+  """This host's batches of classification rows of `stream`.
 
-  Arguments as `pipeline.make_iterator`, and the model's: `num_labels` (checked
-  against data.labels), `causal` (where the classifier reads) and `token_types`
+  The model decides `causal` (where the classifier reads) and `token_types`
   (whether it has token-type embeddings).
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if num_labels is not None:
-    check_num_labels(data_config, num_labels)
-  tok = examples_lib.load_tokenizer(data_config, vocab_size)
-  examples = [
-    row(ex, seq_len=seq_len, causal=causal, token_types=token_types)
-    for ex in load_examples(data_config, split, tok, seq_len)
-  ]
+  d = stream.data
+  tok = examples_lib.load_tokenizer(d, vocab_size)
+  labels = {name: i for i, name in enumerate(label_names(d))}
+
+  def make(record, where):
+    kept = example(
+      record, where, tok, labels=labels, seq_len=stream.seq_len, truncation=d.truncation
+    )
+    if kept is None:
+      return None
+    return row(kept, seq_len=stream.seq_len, causal=causal, token_types=token_types)
+
   return examples_lib.batches(
-    examples,
-    data_config,
-    split=split,
-    batch_size=batch_size,
-    seq_len=seq_len,
-    seed=seed,
-    shuffle=shuffle,
-    num_epochs=num_epochs,
-    process_index=process_index,
-    process_count=process_count,
-    labels=data_config.labels,
+    examples_lib.load(d, stream.split, stream.seq_len, make), stream, labels=d.labels
   )

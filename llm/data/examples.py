@@ -28,8 +28,9 @@ import grain
 import numpy as np
 from etils import epath
 
-from llm.data import pipeline
+from llm.data import jsonl, pipeline
 from llm.data import tokenizer as tokenizer_lib
+from llm.data.spec import Stream
 
 TRUNCATION = ('error', 'left', 'right', 'drop')
 SPLIT_KEYS = {'train': 'train_files', 'validation': 'eval_files'}
@@ -87,67 +88,49 @@ def fit(arrays: dict, seq_len: int, policy: str, where: str, what: str, extra: i
   return {k: v[:limit] for k, v in arrays.items()}
 
 
-def batches(
-  examples: list[dict],
-  data_config,
-  *,
-  split: str,
-  batch_size: int,
-  seq_len: int,
-  seed: int,
-  shuffle: bool,
-  num_epochs: int | None,
-  process_index: int,
-  process_count: int,
-  pack=None,
-  **settings,
-) -> pipeline.Iterator:
+def load(data_config, split: str, seq_len: int, make_example) -> list[dict]:
+  """Every example of `split`, by `make_example(record, 'file:line')` (None: dropped).
+
+  Bad lines stop here, before any training; how many `data.truncation='drop'`
+  left out is printed.
+  """
+  check_truncation(data_config.truncation)
+  out, dropped = [], 0
+  for where, record in jsonl.read(files(data_config, split)):
+    ex = make_example(record, where)
+    if ex is None:
+      dropped += 1
+    else:
+      out.append(ex)
+  if dropped:
+    print(f'data.truncation=drop left out {dropped} of the {split} examples.', flush=True)
+  if not out:
+    raise ValueError(f'No {split} example fits in seq_len={seq_len}.')
+  return out
+
+
+def batches(examples: list[dict], stream: Stream, *, pack=None, **settings) -> pipeline.Iterator:
   """A resumable iterator over batches of in-memory examples.
 
   `pack(iter_dataset)` turns examples into rows (SFT packs several per row);
-  without it each example is a row. As in `pipeline.build`, a finite stream on
-  several hosts is read whole by every host, each keeping its rows of every
-  global batch, so all hosts run the same number of evaluation steps. The
-  iterator's state is only valid for the same files and settings (`settings`
-  adds any the caller's rows depend on).
+  without it each example is a row. As for a corpus, a finite stream on
+  several hosts is read whole by every host (`Stream.whole`), so all hosts
+  run the same number of evaluation steps. The iterator's state is only valid
+  for the same files and settings (`settings` adds any the caller's rows
+  depend on).
   """
-  n = len(examples)
-  whole = num_epochs is not None and process_count > 1
-  lo, hi = (
-    (0, n)
-    if whole
-    else (process_index * n // process_count, (process_index + 1) * n // process_count)
-  )
-  if hi <= lo:
-    raise ValueError(f'Host {process_index} of {process_count} gets no examples: there are {n}.')
+  lo, hi = pipeline.host_range(len(examples), stream, 'examples')
   ds = grain.MapDataset.source(examples).slice(slice(lo, hi))
-  if shuffle:
-    ds = ds.shuffle(seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
+  if stream.shuffle:
+    ds = ds.shuffle(stream.seed)
+  if stream.num_epochs != 1:
+    ds = ds.repeat(stream.num_epochs)
   it = ds.to_iter_dataset()
   if pack is not None:
     it = pack(it)
-  it = pipeline.batch_rows(
-    it,
-    rows=batch_size // process_count,
-    process_index=process_index,
-    process_count=process_count,
-    whole=whole,
-  )
-  stream = dict(
-    dataset=data_config.dataset,
-    files=data_config[SPLIT_KEYS[split]],
-    split=split,
-    seed=seed,
-    shuffle=shuffle,
-    batch_size=batch_size,
-    seq_len=seq_len,
-    process_index=process_index,
-    process_count=process_count,
-    **settings,
-  )
-  return pipeline.Iterator(it, stream)
+  it = pipeline.batch_rows(it, stream)
+  state_keys = dict(stream.state_keys(), files=stream.data[SPLIT_KEYS[stream.split]], **settings)
+  return pipeline.Iterator(it, state_keys)
 
 
 def load_tokenizer(data_config, vocab_size: int | None):
@@ -158,9 +141,5 @@ def load_tokenizer(data_config, vocab_size: int | None):
       "to train one on; set it to 'byte' or to the pretrained model's tokenizer."
     )
   tok = tokenizer_lib.load(data_config)
-  if vocab_size is not None and tok.vocab_size > vocab_size:
-    raise ValueError(
-      f'model.vocab_size={vocab_size} is smaller than the tokenizer '
-      f'({tok.vocab_size} ids); set model.vocab_size >= {tok.vocab_size}.'
-    )
+  tokenizer_lib.check_fits(tok, vocab_size)
   return tok

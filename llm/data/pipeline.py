@@ -38,116 +38,58 @@ import functools
 import weakref
 
 import grain
-import jax
 import numpy as np
 from absl import flags
 
-from llm.data import mlm, sources, synthetic, tokenizer
+from llm.data import mlm, sources, tokenizer
+from llm.data.spec import Stream
 
 _PACKED = ('inputs', 'targets')
 
 
-def make_iterator(
-  data_config,
-  *,
-  split: str,
-  batch_size: int,
-  seq_len: int,
-  seed: int,
-  shuffle: bool = True,
-  num_epochs: int | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  vocab_size: int | None = None,
-):
-  """This host's part of each global batch of `split` (see the module docstring).
+def make_iterator(stream: Stream, *, vocab_size: int | None = None) -> 'Iterator':
+  """This host's part of each global batch of a corpus stream (see the module docstring).
 
-  Args:
-    data_config: `config.data`.
-    split: 'train' and 'validation' mean data.train_split and data.eval_split;
-      any other value is a TFDS split name.
-    batch_size: global rows per batch; each host yields batch_size // process_count.
-    seq_len: tokens per row.
-    seed: shuffling seed.
-    shuffle: False reads documents in stored order (evaluation).
-    num_epochs: None repeats forever; otherwise StopIteration after that many.
-    process_index, process_count: the host; default jax.process_index() / count().
-    vocab_size: the model's vocabulary, checked to hold every token id (and the
-      range of the synthetic stream).
+  `vocab_size`: the model's vocabulary, checked to hold every token id.
   """
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  _check_sizes(batch_size, seq_len, process_count, num_epochs)
+  data_config = stream.data
   objective = mlm.objective(data_config)
-  if data_config.dataset == 'synthetic':
-    if vocab_size is None:
-      raise ValueError("data.dataset='synthetic' needs make_iterator(vocab_size=...).")
-    return synthetic.SyntheticIterator(
-      vocab_size=vocab_size,
-      batch_size=batch_size,
-      seq_len=seq_len,
-      seed=seed,
-      num_sequences=data_config.synthetic_num_sequences,
-      split=split,
-      process_index=process_index,
-      process_count=process_count,
-    )
-  tok = tokenizer.load(data_config)
-  if vocab_size is not None and tok.vocab_size > vocab_size:
-    raise ValueError(
-      f'model.vocab_size={vocab_size} is smaller than the tokenizer '
-      f'({tok.vocab_size} ids); set model.vocab_size >= {tok.vocab_size}.'
-    )
+  tok = tokenizer.load(data_config, train_if_missing=stream.prepare)
+  tokenizer.check_fits(tok, vocab_size)
   masking = mlm.settings(data_config, tok) if objective == 'mlm' else None
   if masking is not None and vocab_size is not None:
     mlm.check_vocab(vocab_size, masking)
-  split = {'train': data_config.train_split, 'validation': data_config.eval_split}.get(split, split)
-  source = sources.data_source(data_config, split, allow_prepare=process_count == 1)
+  split = {'train': data_config.train_split, 'validation': data_config.eval_split}.get(
+    stream.split, stream.split
+  )
+  prepare = stream.prepare and stream.process_count == 1
+  source = sources.data_source(data_config, split, allow_prepare=prepare)
   dataset = build(
     source,
     tok,
     field=sources.text_feature(data_config),
-    rows=batch_size // process_count,
-    seq_len=seq_len,
-    seed=seed,
-    shuffle=shuffle,
-    num_epochs=num_epochs,
-    process_index=process_index,
-    process_count=process_count,
+    stream=stream,
     read_threads=data_config.read_threads,
     prefetch_batches=data_config.prefetch_batches,
     worker_count=data_config.worker_count,
     masking=masking,
   )
-  stream = dict(
-    dataset=data_config.dataset,
-    split=split,
-    seed=seed,
-    shuffle=shuffle,
-    batch_size=batch_size,
-    seq_len=seq_len,
-    process_index=process_index,
-    process_count=process_count,
-  )
+  state_keys = dict(stream.state_keys(), split=split)
   if masking is not None:
     # Only here, so that LM states saved before the objective existed still resume.
-    stream['objective'] = objective
-  return Iterator(dataset, stream, copy=data_config.worker_count > 0)
+    state_keys['objective'] = objective
+  return Iterator(dataset, state_keys, copy=data_config.worker_count > 0)
 
 
-def _check_sizes(batch_size, seq_len, process_count, num_epochs) -> None:
-  if not isinstance(seq_len, int) or seq_len <= 0:
-    raise ValueError(f'seq_len={seq_len!r} must be a positive number of tokens.')
-  if not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f'batch_size={batch_size!r} must be a positive number of rows.')
-  if batch_size % process_count:
-    raise ValueError(
-      f'batch_size={batch_size} is not divisible by the number of hosts ({process_count}).'
-    )
-  if num_epochs is not None and num_epochs <= 0:
-    raise ValueError(f'num_epochs={num_epochs} must be positive, or None to repeat forever.')
+def host_range(n: int, stream: Stream, what: str = 'documents') -> tuple[int, int]:
+  """The records [lo, hi) of `n` this host reads: its contiguous slice, or all (`stream.whole`)."""
+  if stream.whole:
+    return 0, n
+  i, count = stream.process_index, stream.process_count
+  lo, hi = i * n // count, (i + 1) * n // count
+  if hi <= lo:
+    raise ValueError(f'Host {i} of {count} gets no {what}: there are only {n}.')
+  return lo, hi
 
 
 def build(
@@ -155,13 +97,7 @@ def build(
   tok: tokenizer.Tokenizer,
   *,
   field: str,
-  rows: int,
-  seq_len: int,
-  seed: int,
-  shuffle: bool,
-  num_epochs: int | None,
-  process_index: int,
-  process_count: int,
+  stream: Stream,
   read_threads: int = 4,
   prefetch_batches: int = 4,
   worker_count: int = 0,
@@ -169,47 +105,32 @@ def build(
 ) -> grain.IterDataset:
   """The grain dataset of this host's batches from any random-access `source` of records.
 
-  An endless stream (training) reads only this host's slice of the documents.
-  A finite one (evaluation) on several hosts is read whole by every host, each
-  keeping its rows of every global batch: hosts reading only their slices would
-  run out after different numbers of batches, and the first host to stop would
-  leave the others waiting forever in the collective eval step.
-
-  With `masking` settings the rows are masked for masked language modelling. The
-  masking seed leaves out the host when every host reads the whole stream, so
-  all of them mask each row alike.
+  An endless stream (training) reads only this host's slice of the documents;
+  a finite one on several hosts is read whole by every host (`Stream.whole`).
+  With `masking` settings the rows are masked for masked language modelling.
+  The masking seed leaves out the host when every host reads the whole
+  stream, so all of them mask each row alike.
   """
-  n = len(source)
-  whole = num_epochs is not None and process_count > 1
-  if whole:
-    lo, hi = 0, n
-  else:
-    lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
-  if hi <= lo:
-    raise ValueError(
-      f'Host {process_index} of {process_count} gets no documents: the split has only {n}.'
-    )
+  lo, hi = host_range(len(source), stream)
   sources.record_text(source[lo], field)  # Fails now, with the field names, if absent.
   ds = grain.MapDataset.source(source).slice(slice(lo, hi))
-  if shuffle:
-    ds = ds.shuffle(seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
+  if stream.shuffle:
+    ds = ds.shuffle(stream.seed)
+  if stream.num_epochs != 1:
+    ds = ds.repeat(stream.num_epochs)
   ds = ds.map(functools.partial(_tokenize, tok=tok, field=field, shift=masking is None))
   it = ds.to_iter_dataset(
-    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 4 * rows))
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 4 * stream.rows))
   )
   it = grain.experimental.ConcatThenSplitIterDataset(
-    it, length_struct={k: seq_len for k in _PACKED}
+    it, length_struct={k: stream.seq_len for k in _PACKED}
   )
   it = it.map(_row)
   if masking is not None:
     # grain seeds each row's generator from (seed, row number) and checkpoints the number.
-    seed_for_masks = mlm.stream_seed(seed, 0 if whole else process_index)
-    it = it.random_map(functools.partial(_mask_row, settings=masking), seed=seed_for_masks)
-  it = batch_rows(
-    it, rows=rows, process_index=process_index, process_count=process_count, whole=whole
-  )
+    seed = mlm.stream_seed(stream.seed, 0 if stream.whole else stream.process_index)
+    it = it.random_map(functools.partial(_mask_row, settings=masking), seed=seed)
+  it = batch_rows(it, stream)
   if worker_count > 0:
     # grain's workers are spawned processes; outside absl.app.run, flags must look parsed.
     if not flags.FLAGS.is_parsed():
@@ -242,20 +163,18 @@ def _mask_row(row: dict[str, np.ndarray], rng, *, settings) -> dict[str, np.ndar
   return {**row, 'inputs': inputs, 'targets': targets, 'loss_mask': loss_mask}
 
 
-def batch_rows(
-  it: grain.IterDataset, *, rows: int, process_index: int, process_count: int, whole: bool
-) -> grain.IterDataset:
-  """Batches of this host's `rows` rows; a short final batch gets all-zero rows.
+def batch_rows(it: grain.IterDataset, stream: Stream) -> grain.IterDataset:
+  """Batches of this host's rows; a short final batch gets all-zero rows.
 
-  All-zero rows are padding everywhere: segment 0, loss mask 0. With `whole`
-  (a finite stream that every host reads entirely, see `build`) the batches
-  are global and each host keeps its slice of every one.
+  All-zero rows are padding everywhere: segment 0, loss mask 0. When every
+  host reads the whole stream (`Stream.whole`) the batches are global and each
+  host keeps its slice of every one.
   """
-  total = rows * process_count if whole else rows
+  total = stream.batch_size if stream.whole else stream.rows
   it = it.batch(total, batch_fn=functools.partial(_stack, rows=total))
-  if whole:
-    mine = slice(process_index * rows, (process_index + 1) * rows)
-    it = it.map(functools.partial(_take_rows, rows=mine))
+  if stream.whole:
+    i = stream.process_index
+    it = it.map(functools.partial(_take_rows, rows=slice(i * stream.rows, (i + 1) * stream.rows)))
   return it
 
 

@@ -26,12 +26,14 @@ An example longer than seq_len + 1 tokens follows `data.truncation` (see
 `llm/data/examples.py`); one left without any response token stops the run.
 """
 
+import functools
+
 import grain
-import jax
 import numpy as np
 
 from llm.data import examples as examples_lib
-from llm.data import jsonl
+from llm.data import jsonl, pipeline
+from llm.data.spec import Stream
 
 ROLES = ('system', 'user', 'assistant')
 _SEQUENCES = ('inputs', 'targets', 'loss_mask')
@@ -108,23 +110,6 @@ def example(record: dict, where: str, tok, *, seq_len: int, truncation: str) -> 
   return {'inputs': tokens[:-1], 'targets': tokens[1:], 'loss_mask': is_response[1:]}
 
 
-def load_examples(data_config, split: str, tok, seq_len: int) -> list[dict]:
-  """Every example of `split`, tokenized; bad lines stop here, before any training."""
-  examples_lib.check_truncation(data_config.truncation)
-  out, dropped = [], 0
-  for where, record in jsonl.read(examples_lib.files(data_config, split)):
-    ex = example(record, where, tok, seq_len=seq_len, truncation=data_config.truncation)
-    if ex is None:
-      dropped += 1
-    else:
-      out.append(ex)
-  if dropped:
-    print(f'data.truncation=drop left out {dropped} of the {split} examples.', flush=True)
-  if not out:
-    raise ValueError(f'No {split} example fits in seq_len={seq_len}.')
-  return out
-
-
 def _pack(it: grain.IterDataset, *, seq_len: int, rows: int) -> grain.IterDataset:
   packed = grain.experimental.FirstFitPackIterDataset(
     it,
@@ -145,34 +130,13 @@ def _row(packed: dict) -> dict:
   }
 
 
-def make_iterator(
-  data_config,
-  *,
-  split: str,
-  batch_size: int,
-  seq_len: int,
-  seed: int,
-  shuffle: bool = True,
-  num_epochs: int | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  vocab_size: int | None = None,
-):
-  """This host's batches of packed SFT rows of `split` (arguments as `pipeline.make_iterator`)."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  tok = examples_lib.load_tokenizer(data_config, vocab_size)
-  rows = batch_size // process_count
+def make_iterator(stream: Stream, *, vocab_size: int | None = None) -> pipeline.Iterator:
+  """This host's batches of packed SFT rows of `stream`."""
+  d = stream.data
+  tok = examples_lib.load_tokenizer(d, vocab_size)
+  make = functools.partial(example, tok=tok, seq_len=stream.seq_len, truncation=d.truncation)
   return examples_lib.batches(
-    load_examples(data_config, split, tok, seq_len),
-    data_config,
-    split=split,
-    batch_size=batch_size,
-    seq_len=seq_len,
-    seed=seed,
-    shuffle=shuffle,
-    num_epochs=num_epochs,
-    process_index=process_index,
-    process_count=process_count,
-    pack=lambda it: _pack(it, seq_len=seq_len, rows=rows),
+    examples_lib.load(d, stream.split, stream.seq_len, make),
+    stream,
+    pack=lambda it: _pack(it, seq_len=stream.seq_len, rows=stream.rows),
   )

@@ -93,7 +93,7 @@ def data_source(data_config, split: str, *, allow_prepare: bool = True):
     if not allow_prepare:
       raise FileNotFoundError(
         f'data.dataset={data_config.dataset!r} is not prepared in {data_config.data_dir!r}; '
-        'run `python -m llm.data.prepare --config=...` once before starting several hosts.'
+        'run `python -m llm.data.prepare --config=...` first (once, before starting several hosts).'
       )
     b = prepare(data_config)
   base = split.split('[')[0]

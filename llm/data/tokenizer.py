@@ -17,11 +17,17 @@ ids above, then '\\n' (4) and '\\t' (5) as whole pieces (so that lines and
 indentation are cheap), the 256 byte pieces (6..261), then the learned pieces.
 
 A directory of Hugging Face tokenizer files (an imported model's) gives
-`llm.convert.tokenizer`'s wrappers instead, with that tokenizer's own special
-ids (BERT: bos = [CLS], eos = [SEP], pad = [PAD], and a `mask_id`).
+`llm/data/hf_tokenizer.py`'s wrappers instead, with that tokenizer's own
+special ids (BERT: bos = [CLS], eos = [SEP], pad = [PAD], and a `mask_id`).
+
+The tokenizer travels with the model: a training workdir and every params
+export hold a copy in their `tokenizer/` directory (`save_dir`), so generation
+and evaluation read it from there (`load_dir`) and never rebuild it from the
+data settings, whose paths may be relative to another directory or gone.
 """
 
 import io
+import json
 import re
 
 import numpy as np
@@ -176,14 +182,15 @@ def save(tok: SentencePieceTokenizer, path: epath.Path) -> None:
   tmp.rename(path)
 
 
-def load(data_config) -> Tokenizer:
+def load(data_config, *, train_if_missing: bool = True) -> Tokenizer:
   """The tokenizer `data_config.tokenizer` names, training it first if it is missing.
 
   'byte': the byte tokenizer. A path: that sentencepiece model. Empty: the
-  model trained on (and stored with) the prepared dataset, trained now if absent.
-  A directory: the Hugging Face tokenizer in it (tokenizer.json, tokenizer.model
-  or a BERT vocab.txt), or in its `tokenizer/` (a `python -m llm.convert import`
-  output), for fine-tuning an imported model on the ids it was trained with.
+  model trained on (and stored with) the prepared dataset, trained now if absent
+  and `train_if_missing`. A directory: a tokenizer copy (`save_dir`), or the
+  Hugging Face tokenizer in it (tokenizer.json, tokenizer.model or a BERT
+  vocab.txt), or either in its `tokenizer/` (a workdir, an import or export),
+  for fine-tuning a model on the ids it was trained with.
   """
   choice = data_config.tokenizer
   if choice == 'byte':
@@ -196,23 +203,40 @@ def load(data_config) -> Tokenizer:
         "a Hugging Face tokenizer directory, or '' for the model trained on the dataset."
       )
     if path.is_dir():
-      return _hf_tokenizer(choice)
+      return _from_directory(choice)
     return SentencePieceTokenizer(path.read_bytes())
   from llm.data import sources  # Late: sources imports TFDS, which 'byte' users never need.
 
   path = sources.tokenizer_path(data_config)
   if not path.exists():
+    if not train_if_missing:
+      raise FileNotFoundError(
+        f"The dataset's tokenizer {path} does not exist (data.tokenizer=''); pass the tokenizer "
+        "the model was trained with: 'byte', a sentencepiece .model file or a tokenizer directory."
+      )
     train(data_config)
   return SentencePieceTokenizer(path.read_bytes())
 
 
-def _hf_tokenizer(directory: str):
-  """A Hugging Face tokenizer with the ids the pipeline frames documents with."""
-  from llm.convert import tokenizer as hf_tokenizer  # Late: only imported models need it.
+def check_fits(tok, vocab_size: int | None) -> None:
+  """Stops when the model has fewer rows than the tokenizer has ids."""
+  if vocab_size is not None and tok.vocab_size > vocab_size:
+    raise ValueError(
+      f'model.vocab_size={vocab_size} is smaller than the tokenizer '
+      f'({tok.vocab_size} ids); set model.vocab_size >= {tok.vocab_size}.'
+    )
 
-  if not hf_tokenizer.exists(directory) and hf_tokenizer.exists(f'{directory}/tokenizer'):
-    directory = f'{directory}/tokenizer'
-  tok = hf_tokenizer.load(directory)
+
+def _from_directory(directory: str):
+  """A tokenizer copy (a run's or an export's, or its parent) or Hugging Face tokenizer files,
+  with the ids the pipeline frames documents with."""
+  from llm.data import hf_tokenizer  # Late: only imported models need it.
+
+  if not is_dir(directory) and is_dir(f'{directory}/{DIRECTORY}'):
+    directory = f'{directory}/{DIRECTORY}'
+  tok = load_dir(directory) if (epath.Path(directory) / MANIFEST).exists() else None
+  if tok is None:
+    tok = hf_tokenizer.load(directory)
   missing = [n.upper() for n in ('bos', 'eos') if getattr(tok, f'{n}_id') < 0]
   if missing:
     raise ValueError(
@@ -245,3 +269,85 @@ def train(data_config, *, overwrite: bool = False) -> epath.Path:
   save(tok, path)
   logging.info('Wrote the tokenizer to %s.', path)
   return path
+
+
+# ----------------------------------------------------------------------------
+# The copy that travels with a model.
+
+DIRECTORY = 'tokenizer'  # A workdir's or export's copy: DIR/tokenizer/.
+MANIFEST = 'llm_tokenizer.json'  # Which of the project's tokenizers a copy holds.
+_SPM_FILE = 'sentencepiece.model'
+
+
+def save_dir(tok, directory) -> None:
+  """Writes `tok` into `directory` (local or gs://) so that `load_dir` reads it back.
+
+  The project's tokenizers get a manifest (and the sentencepiece proto);
+  Hugging Face tokenizers are their files, copied. The files are written
+  beside the directory and renamed into place, so a crash leaves no half copy.
+  """
+  from llm.data import hf_tokenizer
+
+  directory = epath.Path(directory)
+  tmp = directory.parent / f'{directory.name}.incomplete'
+  if tmp.exists():
+    tmp.rmtree()
+  tmp.mkdir(parents=True)
+  if isinstance(tok, ByteTokenizer):
+    (tmp / MANIFEST).write_text(json.dumps({'kind': 'byte'}))
+  elif isinstance(tok, SentencePieceTokenizer):
+    (tmp / _SPM_FILE).write_bytes(tok.__getstate__()['model_proto'])
+    (tmp / MANIFEST).write_text(json.dumps({'kind': 'sentencepiece', 'file': _SPM_FILE}))
+  elif not hf_tokenizer.copy_files(tok.source_dir, str(tmp)):
+    raise ValueError(f'The tokenizer of {tok.source_dir} has no files to copy.')
+  tmp.rename(directory)
+
+
+def is_dir(directory) -> bool:
+  """Whether `directory` holds a tokenizer: a copy by `save_dir` or Hugging Face files."""
+  from llm.data import hf_tokenizer
+
+  path = epath.Path(directory)
+  return (path / MANIFEST).exists() or (path.is_dir() and hf_tokenizer.exists(str(path)))
+
+
+def load_dir(directory):
+  """The tokenizer `save_dir` wrote into `directory`, or the Hugging Face files there."""
+  from llm.data import hf_tokenizer
+
+  path = epath.Path(directory)
+  if not (path / MANIFEST).exists():
+    return hf_tokenizer.load(str(path))
+  manifest = json.loads((path / MANIFEST).read_text())
+  if manifest.get('kind') == 'byte':
+    return ByteTokenizer()
+  if manifest.get('kind') == 'sentencepiece':
+    return SentencePieceTokenizer((path / manifest['file']).read_bytes())
+  raise ValueError(f'{path / MANIFEST} names an unknown tokenizer kind {manifest.get("kind")!r}.')
+
+
+def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
+  """[vocab_size] int32: the UTF-8 bytes of text each id stands for (0 for special ids).
+
+  Exact for the project's tokenizers: a byte id is one byte; a sentencepiece
+  piece is its text with the whitespace mark as a space, a byte-fallback piece
+  one byte. Other tokenizers: the bytes of the id decoded alone. This is what
+  bits per byte divides by, so that models with different tokenizers compare
+  on the same text.
+  """
+  table = np.zeros((vocab_size,), np.int32)
+  n = min(vocab_size, tokenizer.vocab_size)
+  if isinstance(tokenizer, ByteTokenizer):
+    table[:n] = [1 if tokenizer.decode([i]) else 0 for i in range(n)]
+    return table
+  byte_piece = re.compile(r'<0x[0-9A-Fa-f]{2}>')
+  for i in range(n):
+    text = tokenizer.decode([i])
+    if not text:
+      continue  # Control ids decode to nothing.
+    if hasattr(tokenizer, 'id_to_piece'):
+      piece = tokenizer.id_to_piece(i)
+      table[i] = 1 if byte_piece.fullmatch(piece) else len(piece.replace('\u2581', ' ').encode())
+    else:
+      table[i] = len(text.encode('utf-8'))
+  return table

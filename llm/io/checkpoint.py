@@ -10,6 +10,10 @@ and of a params-only export (for generation, evaluation and conversion):
 
   OUT/params               the params pytree (float32 or bfloat16)
   OUT/model_config.json    the ModelConfig fields
+  OUT/tokenizer/           the tokenizer the model reads (llm/data/tokenizer.py)
+
+A workdir holds its tokenizer in DIR/tokenizer/ too. Reading any of them, or
+a Hugging Face directory, goes through `llm.io.models.open`.
 
 Saves are asynchronous: the arrays are copied off the accelerator, then
 written by a background thread while training continues. Orbax writes each
@@ -22,15 +26,14 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llm import sharding
-from llm.model import ModelConfig, abstract_params
+from llm.data import tokenizer as tokenizer_lib
+from llm.model import ModelConfig
 
 # ModelConfig fields that change the parameters' shapes or tree: a checkpoint
 # cannot be resumed with other values. (dtype, remat, attention_impl... may change.)
@@ -139,9 +142,10 @@ class Checkpointer:
       )
     return out['state'], states[jax.process_index()]
 
-  def restore_params(self, step: int, abstract_params, shardings=None):
-    """Only the params of a training checkpoint; the optimizer state is never read."""
-    abstract = {'params': _abstract(abstract_params, shardings)}
+  def restore_params(self, step: int, target):
+    """Only the params of a training checkpoint, or those `target` names (ShapeDtypeStructs
+    with shardings); the optimizer state is never read."""
+    abstract = {'params': target}
     out = self._restore_items(
       step,
       state=ocp.args.PyTreeRestore(
@@ -185,11 +189,11 @@ def check_compatible(saved_model: dict, model_cfg: ModelConfig, path) -> None:
 # Params-only export.
 
 
-TOKENIZER_DIR = 'tokenizer'  # Tokenizer files stored beside exported or imported params.
-
-
-def save_params(directory: str, cfg: ModelConfig, params, dtype: str | None = None) -> None:
-  """Writes params (cast to `dtype` if given) and the ModelConfig; never overwrites.
+def save_params(
+  directory: str, cfg: ModelConfig, params, dtype: str | None = None, *, tokenizer=None
+) -> None:
+  """Writes params (cast to `dtype` if given), the ModelConfig and a tokenizer copy; never
+  overwrites.
 
   Numpy leaves (a fresh Hugging Face import) are moved to host jax arrays one by
   one, in place: orbax would copy numpy arrays before writing, holding the model
@@ -202,7 +206,18 @@ def save_params(directory: str, cfg: ModelConfig, params, dtype: str | None = No
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / 'params', _host_arrays_inplace(params, dtype))
   if jax.process_index() == 0:
-    (directory / 'model_config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    # 'auto': an export runs on whatever platform reads it.
+    fields = dataclasses.asdict(dataclasses.replace(cfg, platform='auto'))
+    (directory / 'model_config.json').write_text(json.dumps(fields, indent=2))
+    if tokenizer is not None:
+      tokenizer_lib.save_dir(tokenizer, directory / tokenizer_lib.DIRECTORY)
+
+
+def save_tokenizer(workdir: str, tokenizer) -> None:
+  """Puts the run's tokenizer copy in `workdir/tokenizer/` (process 0), unless one is there."""
+  path = _absolute(workdir) / tokenizer_lib.DIRECTORY
+  if tokenizer is not None and jax.process_index() == 0 and not path.exists():
+    tokenizer_lib.save_dir(tokenizer, path)
 
 
 def _host_arrays_inplace(params, dtype: str | None):
@@ -224,105 +239,22 @@ def _absolute(path: str) -> epath.Path:
   return epath.Path(path if '://' in str(path) else os.path.abspath(path))
 
 
-def load_params(path: str, *, shardings=None, mesh=None, dtype: str | None = None):
-  """(ModelConfig, params, config dict or None) from a workdir or a params export.
+def export_shapes(directory: str) -> dict:
+  """The params tree of an export as ShapeDtypeStructs (its stored dtypes), read from metadata."""
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(_absolute(directory) / 'params').item_metadata.tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
 
-  A workdir gives the params of its newest complete checkpoint; the optimizer
-  state is not read. With `mesh` each param is read straight into its shards
-  (sharded by its logical axes, as in training); `shardings` gives them
-  explicitly instead. `dtype` casts the params after loading.
-  """
-  path = _absolute(path)
-  if (path / 'model_config.json').exists():
-    cfg = ModelConfig.from_dict(json.loads((path / 'model_config.json').read_text()))
-    config = None
-    if mesh is not None:
-      shardings = sharding.logical_shardings(abstract_params(cfg), mesh)
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(path / 'params').item_metadata
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta.tree)
-      if shardings is not None:
-        target = _abstract(target, shardings)
-      params = ckptr.restore(path / 'params', target)
-  elif (path / 'checkpoints').exists():
-    ckpt = Checkpointer(str(path), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f'{path} has no complete checkpoint under {path / "checkpoints"}.')
-    config = ckpt.saved_config(step)
-    cfg = ModelConfig.from_dict(config['model'])
-    if mesh is not None:
-      shardings = sharding.logical_shardings(abstract_params(cfg), mesh)
-    params = ckpt.restore_params(step, nn.unbox(abstract_params(cfg)), shardings)
-    ckpt.close()
-  else:
-    raise ValueError(
-      f'{path} is neither a training workdir (no checkpoints/) nor a params export '
-      '(no model_config.json).'
+
+def restore_export(directory: str, target: dict) -> dict:
+  """The params of an export that `target` (ShapeDtypeStructs with shardings) names, and only
+  those: each is read straight into its shards."""
+  with ocp.PyTreeCheckpointer() as reader:
+    return reader.restore(
+      _absolute(directory) / 'params',
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
     )
-  if dtype is not None:
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
-  return cfg, params, config
-
-
-def load_model(path: str, *, mesh=None, tokenizer: str = ''):
-  """(ModelConfig, params, tokenizer) from a workdir or a params export, for inference.
-
-  Params are read onto `mesh` (none: the default device); the tokenizer is
-  `tokenizer` if given (see `load_tokenizer`), else the one the model was
-  trained or imported with.
-  """
-  cfg, params, config = load_params(path, mesh=mesh)
-  if mesh is None:
-    params = jax.device_put(params)
-  return cfg, params, load_tokenizer(path, config, tokenizer)
-
-
-def load_tokenizer(path: str, config: dict | None, choice: str = ''):
-  """The tokenizer: `choice` ('byte', a .model file or a Hugging Face directory), else the
-  training config's data.tokenizer, else a params export's `tokenizer/` directory."""
-  import ml_collections
-
-  from llm.data import tokenizer as data_tokenizer
-
-  if choice:
-    if os.path.isdir(choice):
-      from llm.convert import tokenizer as hf_tokenizer
-
-      return hf_tokenizer.load(choice)
-    return data_tokenizer.load(ml_collections.ConfigDict({'tokenizer': choice}))
-  if config is not None:
-    return data_tokenizer.load(ml_collections.ConfigDict(config['data']))
-  if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):
-    from llm.convert import tokenizer as hf_tokenizer
-
-    return hf_tokenizer.load(os.path.join(path, TOKENIZER_DIR))
-  raise ValueError(
-    f'{path} holds no tokenizer (no training config, no {TOKENIZER_DIR}/ directory); pass '
-    "--tokenizer='byte', a sentencepiece .model file or a Hugging Face tokenizer directory."
-  )
-
-
-def export_params(workdir: str, out: str, dtype: str = 'float32') -> None:
-  """Params of `workdir`'s newest checkpoint -> a params-only directory `out`."""
-  cfg, params, _ = load_params(workdir)
-  save_params(out, cfg, params, dtype)
-
-
-def main(argv):
-  del argv
-  from absl import flags
-
-  FLAGS = flags.FLAGS
-  export_params(FLAGS.workdir, FLAGS.out, FLAGS.dtype)
-  print(f'Exported the params of {FLAGS.workdir} to {FLAGS.out} in {FLAGS.dtype}.')
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-
-  flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint to export.')
-  flags.DEFINE_string('out', None, 'Directory for the params-only export.')
-  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the exported params.')
-  flags.mark_flags_as_required(['workdir', 'out'])
-  app.run(main)

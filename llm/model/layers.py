@@ -1,25 +1,21 @@
 """Transformer building blocks, shared by every model family.
 
-Dims legend as in `llm/model.py`. Parameters are created in `param_dtype`
+Dims legend as in `llm/model/__init__.py`. Parameters are created in `param_dtype`
 (float32) and cast to the compute `dtype` at use, so the optimizer always sees
 full-precision weights. Every parameter and main activation carries logical axis
 names; `llm/sharding.py` maps them onto the mesh.
 """
 
-from __future__ import annotations
-
-import functools
 import math
-from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm import attention as attention_lib
-
-if TYPE_CHECKING:
-  from llm.model import ModelConfig
+from llm import config as config_lib
+from llm.config import ModelConfig
+from llm.model import attention as attention_lib
+from llm.model import kernels
 
 Array = jax.Array
 
@@ -33,54 +29,9 @@ def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
-def matmul(spec: str, x: Array, w: Array, dtype, out_dtype=None) -> Array:
-  """`einsum(spec, x, w)` in the compute `dtype`, accumulating in float32; `w` is a parameter.
-
-  The result is `out_dtype` (default: `dtype`). On CPU a 16-bit matmul takes
-  a custom gradient: XLA:CPU runs a bfloat16 matmul at bfloat16 speed only
-  when its result is float32, and computes one with a bfloat16 result, or one
-  with a float32 operand, by upcasting both operands to float32 (several times
-  slower; bench/RESULTS.md). Autodiff would hand the backward matmuls the
-  float32 cotangent of the accumulator, so the custom gradient casts it to
-  `dtype` and keeps all three matmuls bfloat16 x bfloat16 -> float32. Other
-  backends and float32 take the plain einsum (TPUs and GPUs accumulate in
-  float32 anyway), which remat policies see as the dot they save.
-  """
-  out_dtype = jnp.dtype(out_dtype or dtype)
-  if jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != 'cpu':
-    if out_dtype == jnp.dtype(dtype):
-      return jnp.einsum(spec, x, w.astype(dtype))
-    return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=out_dtype)
-  return _low_precision_matmul(spec, jnp.dtype(dtype), out_dtype, x.astype(dtype), w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _low_precision_matmul(spec, dtype, out_dtype, x, w):
-  y = jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32)
-  return y.astype(out_dtype)
-
-
-def _low_precision_matmul_fwd(spec, dtype, out_dtype, x, w):
-  return _low_precision_matmul(spec, dtype, out_dtype, x, w), (x, w)
-
-
-def _low_precision_matmul_bwd(spec, dtype, out_dtype, residuals, d_y):
-  x, w = residuals
-  inputs, out = spec.split('->')
-  lhs, rhs = inputs.split(',')
-  d_y = d_y.astype(dtype)
-  d_x = jnp.einsum(f'{out},{rhs}->{lhs}', d_y, w.astype(dtype), preferred_element_type=jnp.float32)
-  # d_w with its contracted dims first (for 'BTD,VD->BTV': DV, not VD) is
-  # x^T @ d_y; in the other order XLA folds the transpose into the matmul and
-  # picks operand layouts that have no bfloat16 kernel on CPU. The barrier
-  # keeps it from folding the transpose back.
-  contracted = ''.join(c for c in rhs if c in lhs) + ''.join(c for c in rhs if c not in lhs)
-  d_w = jnp.einsum(f'{lhs},{out}->{contracted}', x, d_y, preferred_element_type=jnp.float32)
-  d_w = jnp.einsum(f'{contracted}->{rhs}', jax.lax.optimization_barrier(d_w))
-  return d_x.astype(x.dtype), d_w.astype(w.dtype)
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+def matmul(cfg: ModelConfig, spec: str, x: Array, w: Array, out_dtype=None) -> Array:
+  """`einsum(spec, x, w)` in the compute dtype with float32 accumulation (`kernels.matmul`)."""
+  return kernels.matmul(cfg, spec, x, w, out_dtype)
 
 
 BTD = ('act_batch', 'act_length', 'act_embed')
@@ -208,9 +159,9 @@ class Attention(nn.Module):
     w_v_DKH = _param(self, 'v', (D, K, H), ('embed', 'kv_heads', 'head_dim'), init, cfg)
     w_o_NHD = _param(self, 'o', (N, H, D), ('heads', 'head_dim', 'embed'), out_init, cfg)
     dt = cfg.dtype
-    q_BTNH = matmul('BTD,DNH->BTNH', x_BTD, w_q_DNH, dt)
-    k_BTKH = matmul('BTD,DKH->BTKH', x_BTD, w_k_DKH, dt)
-    v_BTKH = matmul('BTD,DKH->BTKH', x_BTD, w_v_DKH, dt)
+    q_BTNH = matmul(cfg, 'BTD,DNH->BTNH', x_BTD, w_q_DNH)
+    k_BTKH = matmul(cfg, 'BTD,DKH->BTKH', x_BTD, w_k_DKH)
+    v_BTKH = matmul(cfg, 'BTD,DKH->BTKH', x_BTD, w_v_DKH)
     if cfg.use_bias:
       zeros = nn.initializers.zeros
       q_BTNH += _param(self, 'q_bias', (N, H), ('heads', 'head_dim'), zeros, cfg).astype(dt)
@@ -233,10 +184,8 @@ class Attention(nn.Module):
       k_BSKH = _write_cache(cache['k'], k_BTKH, cache_step['index'])
       v_BSKH = _write_cache(cache['v'], v_BTKH, cache_step['index'])
       mask = cache_step['mask_B1TS']
-    out_BTNH = attention_lib.dot_product_attention(
-      q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask, implementation=cfg.attention_impl
-    )
-    out_BTD = matmul('BTNH,NHD->BTD', out_BTNH, w_o_NHD, dt)
+    out_BTNH = kernels.attention_kernel(cfg, q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask)
+    out_BTD = matmul(cfg, 'BTNH,NHD->BTD', out_BTNH, w_o_NHD)
     if cfg.use_bias:
       out_BTD += _param(self, 'o_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
     if cache is None:
@@ -261,7 +210,7 @@ class Dense(nn.Module):
     D, init = x_BTD.shape[-1], nn.initializers.normal(cfg.init_std)
     w_DE = _param(self, 'kernel', (D, self.features), ('embed', None), init, cfg)
     b_E = _param(self, 'bias', (self.features,), ('norm',), nn.initializers.zeros, cfg)
-    return matmul('BTD,DE->BTE', x_BTD, w_DE, cfg.dtype) + b_E.astype(cfg.dtype)
+    return matmul(cfg, 'BTD,DE->BTE', x_BTD, w_DE) + b_E.astype(cfg.dtype)
 
 
 class Mlp(nn.Module):
@@ -276,18 +225,18 @@ class Mlp(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     w_in_DF = _param(self, 'wi', (D, F), ('embed', 'mlp'), init, cfg)
-    h_BTF = matmul('BTD,DF->BTF', x_BTD, w_in_DF, dt)
+    h_BTF = matmul(cfg, 'BTD,DF->BTF', x_BTD, w_in_DF)
     if cfg.use_bias:
       h_BTF += _param(self, 'wi_bias', (F,), ('mlp',), nn.initializers.zeros, cfg).astype(dt)
     if cfg.mlp == 'swiglu':
       w_gate_DF = _param(self, 'wg', (D, F), ('embed', 'mlp'), init, cfg)
-      gate_BTF = matmul('BTD,DF->BTF', x_BTD, w_gate_DF, dt)
+      gate_BTF = matmul(cfg, 'BTD,DF->BTF', x_BTD, w_gate_DF)
       h_BTF = nn.silu(gate_BTF) * h_BTF
     else:
       h_BTF = activation(cfg, h_BTF)
     h_BTF = constrain(h_BTF, ('act_batch', 'act_length', 'act_mlp'))
     w_out_FD = _param(self, 'wo', (F, D), ('mlp', 'embed'), out_init, cfg)
-    out_BTD = matmul('BTF,FD->BTD', h_BTF, w_out_FD, dt)
+    out_BTD = matmul(cfg, 'BTF,FD->BTD', h_BTF, w_out_FD)
     if cfg.use_bias:
       out_BTD += _param(self, 'wo_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
     return constrain(out_BTD, BTD)
@@ -340,6 +289,9 @@ REMAT_POLICIES = {
   # attention scores, whose size grows with T^2.
   'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+assert tuple(REMAT_POLICIES) == config_lib.REMAT_POLICIES  # One list of names, one of policies.
 
 
 def block_class(cfg: ModelConfig) -> type[nn.Module]:

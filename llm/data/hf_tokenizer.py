@@ -27,11 +27,11 @@ an id past the vocabulary, as for the project's own tokenizers).
 
 import json
 import os
-import shutil
 
 import numpy as np
 import sentencepiece
 import tokenizers
+from etils import epath
 
 # Files that make up a Hugging Face tokenizer; copied as they are on import and export.
 FILES = (
@@ -241,10 +241,11 @@ def load(hf_dir: str) -> FastTokenizer | SentencePieceTokenizer:
 
 
 def copy_files(src_dir: str, out_dir: str) -> list[str]:
-  """Copies the Hugging Face tokenizer files found in `src_dir`; returns their names."""
-  copied = [name for name in FILES if os.path.exists(os.path.join(src_dir, name))]
+  """Copies the Hugging Face tokenizer files in `src_dir` (local or gs://); returns their names."""
+  src, out = epath.Path(src_dir), epath.Path(out_dir)
+  copied = [name for name in FILES if (src / name).exists()]
   if copied:
-    os.makedirs(out_dir, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
   for name in copied:
-    shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    (out / name).write_bytes((src / name).read_bytes())
   return copied

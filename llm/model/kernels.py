@@ -1,0 +1,182 @@
+"""Backend-specific kernels, and the one place that chooses them: the mesh's device platform.
+
+Why one place, and why the mesh: `python -m llm.compile --topology=v5e:4x4`
+traces a TPU program on a CPU host, so a choice made from
+`jax.default_backend()` at trace time would compile the CPU variants into the
+TPU program whose memory it reports. Instead `ModelConfig.platform` names the
+platform; `resolve` fills it from the mesh when a trainer or an inference
+loader is built, and every kernel below reads only the config. Unresolved
+('auto') means the portable reference path: plain einsums and automatic
+differentiation, right on every backend.
+
+What differs by platform:
+
+  matmul     On CPU a 16-bit matmul takes a custom gradient. XLA:CPU runs a
+             bfloat16 matmul at bfloat16 speed only when its result is float32,
+             and computes one with a bfloat16 result, or a float32 operand, by
+             upcasting both operands (several times slower; bench/RESULTS.md).
+             Autodiff hands the backward matmuls the float32 cotangent of the
+             accumulator; the custom gradient casts it to the compute dtype and
+             keeps all three matmuls bfloat16 x bfloat16 -> float32. TPUs and GPUs
+             accumulate in float32 anyway and take the plain einsum, which remat
+             policies see as the dot they save.
+  attention  On CPU the softmax gradient is hand-written in the flash-attention
+             form (`_cpu_attention_bwd`). Elsewhere autodiff differentiates the
+             reference, so remat policies can save the score matmul; 'cudnn' is
+             jax's fused kernel on NVIDIA GPUs.
+
+Each custom gradient is checked against autodiff of the reference in
+tests/kernels_test.py.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from llm.config import ModelConfig
+from llm.model import attention
+
+# Device platforms as jax names them, folded onto ModelConfig.platform's values.
+_PLATFORMS = {'cpu': 'cpu', 'tpu': 'tpu', 'gpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu'}
+
+
+def platform_of(mesh: jax.sharding.Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': what the mesh's devices are, not what this host is."""
+  name = mesh.devices.flat[0].platform
+  if name not in _PLATFORMS:
+    raise ValueError(f'Devices of platform {name!r} are not supported (cpu, gpu, tpu).')
+  return _PLATFORMS[name]
+
+
+def resolve(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> ModelConfig:
+  """`cfg` with `platform` set from the mesh; stops on a choice the mesh cannot run."""
+  platform = platform_of(mesh)
+  if cfg.platform not in ('auto', platform):
+    raise ValueError(
+      f"model.platform={cfg.platform!r} does not match the mesh's devices ({platform}); "
+      f"set model.platform='auto' or {platform!r}."
+    )
+  if cfg.attention_impl == 'cudnn' and platform != 'gpu':
+    raise ValueError(
+      f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh's devices are {platform}; "
+      "set model.attention_impl='xla'."
+    )
+  return dataclasses.replace(cfg, platform=platform)
+
+
+# ----------------------------------------------------------------------------
+# Matmul.
+
+
+def matmul(cfg: ModelConfig, spec: str, x, w, out_dtype=None):
+  """`einsum(spec, x, w)` in the compute dtype, accumulating in float32; `w` is a parameter.
+
+  The result is `out_dtype` (default: the compute dtype).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  out_dtype = jnp.dtype(out_dtype or dtype)
+  if cfg.platform == 'cpu' and dtype != jnp.float32:
+    return _cpu_low_precision_matmul(spec, dtype, out_dtype, x.astype(dtype), w)
+  if out_dtype == dtype:
+    return jnp.einsum(spec, x, w.astype(dtype))
+  return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _cpu_low_precision_matmul(spec, dtype, out_dtype, x, w):
+  y = jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32)
+  return y.astype(out_dtype)
+
+
+def _cpu_low_precision_matmul_fwd(spec, dtype, out_dtype, x, w):
+  return _cpu_low_precision_matmul(spec, dtype, out_dtype, x, w), (x, w)
+
+
+@jax.named_scope('cpu_kernel')
+def _cpu_low_precision_matmul_bwd(spec, dtype, out_dtype, residuals, d_y):
+  x, w = residuals
+  inputs, out = spec.split('->')
+  lhs, rhs = inputs.split(',')
+  d_y = d_y.astype(dtype)
+  d_x = jnp.einsum(f'{out},{rhs}->{lhs}', d_y, w.astype(dtype), preferred_element_type=jnp.float32)
+  # d_w with its contracted dims first (for 'BTD,VD->BTV': DV, not VD) is
+  # x^T @ d_y; in the other order XLA folds the transpose into the matmul and
+  # picks operand layouts that have no bfloat16 kernel on CPU. The barrier
+  # keeps it from folding the transpose back.
+  contracted = ''.join(c for c in rhs if c in lhs) + ''.join(c for c in rhs if c not in lhs)
+  d_w = jnp.einsum(f'{lhs},{out}->{contracted}', x, d_y, preferred_element_type=jnp.float32)
+  d_w = jnp.einsum(f'{contracted}->{rhs}', jax.lax.optimization_barrier(d_w))
+  return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+_cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precision_matmul_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Attention.
+
+
+def attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+  """Grouped-query attention [B, T, N, H] by `cfg.attention_impl` and `cfg.platform`."""
+  if cfg.attention_impl == 'cudnn':
+    return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, implementation='cudnn'
+    )
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  if cfg.platform == 'cpu':
+    out_BTKGH = _cpu_attention(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+  else:
+    out_BTKGH = attention.reference(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+  return out_BTKGH.reshape(B, T, N, H)
+
+
+@jax.custom_vjp
+def _cpu_attention(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS):
+  return attention.reference(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+
+
+def _cpu_attention_fwd(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS):
+  probs_BKGTS = attention.probs(q_BTKGH, k_BSKH, mask_B1TS)
+  out_BTKGH = attention.weighted_values(probs_BKGTS, v_BSKH)
+  return out_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, mask_B1TS, probs_BKGTS, out_BTKGH)
+
+
+@jax.named_scope('cpu_kernel')
+def _cpu_attention_bwd(residuals, d_out_BTKGH):
+  """The softmax gradient as flash attention computes it.
+
+  d_logits = P * (dP - rowsum(dP * P)), and rowsum(dP * P) equals
+  rowsum(dO * O) over the head dim: a [B, T, N, H] product instead of a
+  [B, N, T, S] one. Automatic differentiation of the forward pass also
+  re-reads the mask and fuses that row sum into the dP matmul, which XLA:CPU
+  runs several times slower than the matmul alone (bench/RESULTS.md).
+  """
+  q_BTKGH, k_BSKH, v_BSKH, mask_B1TS, probs_BKGTS, out_BTKGH = residuals
+  H = q_BTKGH.shape[-1]
+  f32 = jnp.float32
+  d_v_BSKH = jnp.einsum(
+    'BKGTS,BTKGH->BSKH',
+    probs_BKGTS.astype(v_BSKH.dtype),
+    d_out_BTKGH,
+    preferred_element_type=f32,
+  )
+  d_probs_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', d_out_BTKGH, v_BSKH, preferred_element_type=f32)
+  rowsum_BKGT = jnp.einsum('BTKGH,BTKGH->BKGT', d_out_BTKGH.astype(f32), out_BTKGH.astype(f32))
+  d_logits_BKGTS = probs_BKGTS * (d_probs_BKGTS - rowsum_BKGT[..., None]) * (H**-0.5)
+  # Fully masked rows (padding) have uniform weights but take no gradient.
+  d_logits_BKGTS = jnp.where(mask_B1TS[:, :, None], d_logits_BKGTS, 0.0).astype(q_BTKGH.dtype)
+  d_q_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', d_logits_BKGTS, k_BSKH, preferred_element_type=f32)
+  d_k_BSKH = jnp.einsum('BKGTS,BTKGH->BSKH', d_logits_BKGTS, q_BTKGH, preferred_element_type=f32)
+  return (
+    d_q_BTKGH.astype(q_BTKGH.dtype),
+    d_k_BSKH.astype(k_BSKH.dtype),
+    d_v_BSKH.astype(v_BSKH.dtype),
+    None,
+  )
+
+
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)

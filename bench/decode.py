@@ -43,7 +43,7 @@ def ours(hf_dir: str, prompts: list[list[int]], batch_sizes, new_tokens: int, sc
   from llm.model import resolve
 
   cfg, params = hf.load(hf_dir, scan_layers=scan)
-  cfg = resolve(cfg, sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]))
+  cfg = resolve(cfg, sharding.one_device_mesh())
   params = jax.device_put(params)
   out = {}
   for B in batch_sizes:

@@ -23,7 +23,6 @@ from llm.data import streams, tokenizer
 from llm.eval import choice, generation, lm, tasks
 from llm.generate import Sampling
 from llm.io import models
-from llm.model import param_shardings, resolve
 
 FLAGS = flags.FLAGS
 
@@ -81,9 +80,7 @@ def run() -> tuple[str, dict, dict]:
   mesh = sharding.mesh_from_spec(FLAGS.mesh)
   source = models.open(FLAGS.workdir)
   config = _data_settings(source)
-  cfg = resolve(source.model_cfg, mesh)
-  params = source.read(param_shardings(cfg, mesh))
-  tok = source.tokenizer(FLAGS.tokenizer)
+  cfg, params, tok = source.load(mesh, FLAGS.tokenizer)
   summary = {'step': source.step, 'checkpoint': os.path.abspath(FLAGS.workdir)}
   per_example = {}
   if FLAGS.split and config is not None:

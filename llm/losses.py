@@ -148,7 +148,7 @@ def evaluate(
   examples, batches.
   """
   if mesh is None:
-    mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+    mesh = sharding.one_device_mesh()
   table = np.zeros((cfg.vocab_size,), np.int32) if bytes_V is None else bytes_V
   fn = _eval_fn(cfg, mesh)
   totals, n = None, 0

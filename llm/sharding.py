@@ -104,6 +104,11 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def one_device_mesh() -> Mesh:
+  """A mesh of the first device alone: what library calls without a mesh run on."""
+  return make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
+
+
 def mesh_from_spec(spec: str = '') -> Mesh:
   """A mesh from 'data=-1,fsdp=1,tensor=2' (a command-line flag); missing axes are 1.
 

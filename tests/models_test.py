@@ -26,7 +26,6 @@ from llm.io import checkpoint, models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures', 'hf')
 GPT2, BERT = os.path.join(FIXTURES, 'gpt2'), os.path.join(FIXTURES, 'bert_tiny')
-KINDS = ('workdir', 'export', 'hf')
 
 
 def _config(hf_dir: str, data) -> object:

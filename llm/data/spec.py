@@ -18,7 +18,6 @@ import dataclasses
 
 import jax
 
-KINDS = ('synthetic', 'corpus', 'sft', 'classification')
 FINETUNE = ('sft', 'classification')
 
 

@@ -47,7 +47,6 @@ def make_iterator(stream: Stream, model_cfg: ModelConfig | None = None):
   vocab_size = None if model_cfg is None else model_cfg.vocab_size
   k = kind(stream.data)
   if k == 'synthetic':
-    mlm.objective(stream.data)  # MLM needs text: stops with a sentence.
     if vocab_size is None:
       raise ValueError("data.dataset='synthetic' needs the model config for its vocabulary.")
     return synthetic.SyntheticIterator(

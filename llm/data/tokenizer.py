@@ -230,13 +230,9 @@ def check_fits(tok, vocab_size: int | None) -> None:
 def _from_directory(directory: str):
   """A tokenizer copy (a run's or an export's, or its parent) or Hugging Face tokenizer files,
   with the ids the pipeline frames documents with."""
-  from llm.data import hf_tokenizer  # Late: only imported models need it.
-
   if not is_dir(directory) and is_dir(f'{directory}/{DIRECTORY}'):
     directory = f'{directory}/{DIRECTORY}'
-  tok = load_dir(directory) if (epath.Path(directory) / MANIFEST).exists() else None
-  if tok is None:
-    tok = hf_tokenizer.load(directory)
+  tok = load_dir(directory)
   missing = [n.upper() for n in ('bos', 'eos') if getattr(tok, f'{n}_id') < 0]
   if missing:
     raise ValueError(

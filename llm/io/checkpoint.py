@@ -54,12 +54,8 @@ SHAPE_FIELDS = (
 )
 
 
-def _abstract(tree, shardings=None):
-  """ShapeDtypeStructs (with target shardings) for orbax to restore into."""
-  if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-  if isinstance(shardings, jax.sharding.Sharding):  # One sharding for every leaf.
-    shardings = jax.tree.map(lambda _: shardings, tree)
+def _abstract(tree, shardings):
+  """ShapeDtypeStructs with target shardings for orbax to restore into."""
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )

@@ -31,8 +31,6 @@ from llm.data import tokenizer as tokenizer_lib
 from llm.io import checkpoint
 from llm.model import ModelConfig, abstract_params, param_shardings, resolve
 
-KINDS = ('workdir', 'export', 'hf')
-
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -52,10 +50,6 @@ class Source:
     return {'workdir': f'{self.path} (step {self.step})', 'hf': f'{self.path} (Hugging Face)'}.get(
       self.kind, self.path
     )
-
-  def names(self) -> list[str]:
-    """Every param's name, '/'-joined (e.g. 'layers/attn/q')."""
-    return sorted(traverse_util.flatten_dict(self.shapes, sep='/'))
 
   def read(self, shardings=None, names=None) -> dict:
     """The params (all, or the '/'-joined `names`) in their stored dtypes.
@@ -92,6 +86,16 @@ class Source:
       return dict.fromkeys(names, device)
     flat = traverse_util.flatten_dict(shardings, sep='/')
     return {k: flat[k] for k in names}
+
+  def load(self, mesh=None, tokenizer: str = ''):
+    """(ModelConfig, params, tokenizer) for inference on `mesh` (none: one device).
+
+    The config's kernels are resolved for the mesh's platform and the params
+    read onto it, sharded by their logical axes as in training.
+    """
+    mesh = sharding.one_device_mesh() if mesh is None else mesh
+    cfg = resolve(self.model_cfg, mesh)
+    return cfg, self.read(param_shardings(cfg, mesh)), self.tokenizer(tokenizer)
 
   def tokenizer(self, choice: str = ''):
     """`choice` ('byte', a .model file or a tokenizer directory), else the model's own.
@@ -189,14 +193,5 @@ def _shapes(cfg: ModelConfig) -> dict:
 
 
 def load(path: str, *, mesh=None, tokenizer: str = '', step: int = 0):
-  """(ModelConfig, params, tokenizer) for inference on `mesh` (none: one device).
-
-  The config's kernels are resolved for the mesh's platform and the params
-  read onto it, sharded by their logical axes as in training.
-  """
-  if mesh is None:
-    mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-  source = open(path, step=step)
-  cfg = resolve(source.model_cfg, mesh)
-  params = source.read(param_shardings(cfg, mesh))
-  return cfg, params, source.tokenizer(tokenizer)
+  """(ModelConfig, params, tokenizer) of the model at `path`, for inference (`Source.load`)."""
+  return open(path, step=step).load(mesh, tokenizer)

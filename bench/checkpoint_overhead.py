@@ -6,7 +6,9 @@ Runs the experiment's real train step three ways in one process, on the same
 batches: no saves; a save every `--every` steps with orbax's asynchronous
 saving (the default in training); and the same with synchronous saving, for
 scale. Reports the blocking time of one save (what the loop waits for before
-its next step) and the loop's slowdown, both as a fraction of the step time.
+its next step) and the loop's slowdown, both as a fraction of the step time,
+and what the arrays' checksums (computed on the devices inside every save, so
+part of its blocking time) cost on their own, with the memory XLA plans for them.
 """
 
 import statistics
@@ -17,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -27,6 +30,7 @@ from llm.io import checkpoint  # noqa: E402
 config_flags.DEFINE_config_file('config', 'experiments/shakespeare.py', 'Experiment config.')
 flags.DEFINE_integer('steps', 60, 'Steps per variant.')
 flags.DEFINE_integer('every', 10, 'Save every this many steps (harsher than any experiment).')
+flags.DEFINE_integer('repeats', 20, 'Timed checksum passes over the state.')
 
 
 def _run(trainer, state, batches, workdir, every, async_save):
@@ -49,6 +53,21 @@ def _run(trainer, state, batches, workdir, every, async_save):
   return state, loop, blocking
 
 
+def _checksum_time(state, repeats):
+  """Median seconds of one `checkpoint.checksums(state)` (the sums reach the host), after a
+  warm-up, and the temporaries XLA plans for it (bytes per device)."""
+  checkpoint.checksums(state)  # Compile.
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    checkpoint.checksums(state)
+    times.append(time.perf_counter() - t)
+  leaves = jax.tree.leaves(state)
+  fn = checkpoint._checksum_fn(checkpoint._replicated(leaves[0]))
+  temp = fn.lower(leaves).compile().memory_analysis().temp_size_in_bytes
+  return statistics.median(times), temp
+
+
 def main(argv):
   del argv
   config = flags.FLAGS.config
@@ -69,9 +88,12 @@ def main(argv):
       state, loop, blocking = _run(trainer, state, batches, workdir, every, async_save)
       results[name] = (loop, blocking)
 
+  checksum_time, checksum_temp = _checksum_time(state, flags.FLAGS.repeats)
+
   base_loop = results['no saves'][0]
   step_time = base_loop / steps
-  params = sum(x.size for x in __import__('jax').tree.leaves(state['params']))
+  params = sum(x.size for x in jax.tree.leaves(state['params']))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   print(
     f'{config.model.num_layers}-layer model, {params:,} parameters, batch '
     f'{config.batch_size}x{config.seq_len}; {steps} steps per variant, a save every {every}.'
@@ -85,6 +107,13 @@ def main(argv):
       f'step; loop slowdown {100 * (loop - base_loop) / base_loop:+.1f}% '
       f'(with a save every {every} steps)'
     )
+  per_save = statistics.median(results['async saves'][1])
+  print(
+    f'checksums of the {state_bytes / 2**20:.1f} MiB state: {1e3 * checksum_time:.1f} ms '
+    f'(median of {flags.FLAGS.repeats}) = {100 * checksum_time / per_save:.1f}% of an async '
+    f"save's blocking time (which includes them) = {100 * checksum_time / step_time:.1f}% of a "
+    f'step; XLA plans {checksum_temp / 2**20:.1f} MiB of temporaries for them'
+  )
 
 
 if __name__ == '__main__':

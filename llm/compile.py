@@ -102,18 +102,17 @@ def main(argv):
 
   FLAGS = flags.FLAGS
   devices = topology_devices(FLAGS.topology) if FLAGS.topology else None
-  try:
-    report = compile_train_step(FLAGS.config, devices)
-  except ValueError as e:
-    raise SystemExit(f'ValueError: {e}') from None
+  report = compile_train_step(FLAGS.config, devices)
   print(report.summary())
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from llm import cli
 
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('topology', '', "TPU topology to compile for, e.g. 'v5e:4x4'.")
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

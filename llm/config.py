@@ -9,13 +9,17 @@ silently ignored setting (`check`).
 """
 
 import dataclasses
+import math
 
 import ml_collections
 
 # Remat policies by name; llm/model/layers.py maps each to a jax checkpoint policy.
 REMAT_POLICIES = ('full', 'dots_saveable', 'minimal')
-# 'xla': einsum attention that runs everywhere; 'cudnn': jax's fused kernel on NVIDIA GPUs.
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+# 'xla': einsum attention that runs everywhere (and always decodes with a KV cache);
+# 'blockwise': flash attention in plain JAX, any platform; 'splash': the Pallas
+# kernel on TPUs; 'cudnn': jax's fused kernel on NVIDIA GPUs; 'auto': chosen per
+# platform and sequence length (llm/model/kernels.py:attention_choice).
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'splash', 'cudnn')
 PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
 
 _CHOICES = {
@@ -72,7 +76,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'  # One of 'none', 'full', 'dots_saveable', 'minimal'; see layers.py.
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'  # One of ATTENTION_IMPLEMENTATIONS.
   # The device platform the model is compiled for, which picks backend-specific
   # kernels (llm/model/kernels.py). 'auto' is resolved from the mesh when a
   # trainer or an inference loader is built; left unresolved it means the
@@ -226,6 +230,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # initialised; see llm/finetune.py. A run with checkpoints resumes them.
   c.init_from = ''
   c.init_from_step = 0
+  # Resuming (docs/workdir.md): 0 continues from the newest complete
+  # checkpoint; a step resumes from that older one instead, setting the newer
+  # ones aside in DIR/checkpoints-set-aside/ (a corrupt newest checkpoint is
+  # never skipped silently). A run refuses to resume on other data (dataset,
+  # files, tokenizer) than it saved, unless resume_on_new_data is True.
+  c.resume_step = 0
+  c.resume_on_new_data = False
   c.model = model_config()
   c.optim = ml_collections.ConfigDict(
     dict(
@@ -254,16 +265,65 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """Stops on keys the defaults do not know, and on sizes no run can use."""
+  """Stops on keys the defaults do not know, and on values no run can use, before any work."""
   _check_keys(config, get_config(), '')
+  _check_loop(config)
+  _check_optim(config.optim, config.total_steps)
   if config.data.dataset == 'synthetic' and config.eval_every > 0 and config.eval_steps <= 0:
     raise ValueError('The synthetic stream never ends: set eval_steps > 0 or eval_every=0.')
-  if config.seq_len <= 0:
-    raise ValueError(f'seq_len={config.seq_len} must be positive.')
-  if config.seq_len > config.model.max_seq_len and config.model.position == 'learned':
+  if config.seq_len > config.model.max_seq_len:
     raise ValueError(
-      f'seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}, '
-      'the number of learned positions.'
+      f'seq_len={config.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}, the '
+      'longest sequence the model is built for; raise model.max_seq_len or lower seq_len.'
+    )
+  spm = config.data.spm_vocab_size
+  trains_spm = not config.data.tokenizer and config.data.dataset != 'synthetic'
+  if trains_spm and spm > config.model.vocab_size:
+    raise ValueError(
+      f'model.vocab_size={config.model.vocab_size} is smaller than data.spm_vocab_size={spm}, '
+      'the tokenizer this run trains; raise model.vocab_size or lower data.spm_vocab_size.'
+    )
+
+
+def _positive(config, *names: str) -> None:
+  for name in names:
+    value = config[name]
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f'{name}={value!r} must be a positive integer.')
+
+
+def _check_loop(config) -> None:
+  _positive(config, 'total_steps', 'batch_size', 'seq_len', 'log_every', 'checkpoint_every')
+  for name in ('keep_checkpoints', 'keep_period', 'resume_step', 'init_from_step'):
+    if config[name] < 0:
+      raise ValueError(f'{name}={config[name]} must be 0 or more.')
+  if config.resume_step and config.resume_step >= config.total_steps:
+    raise ValueError(
+      f'resume_step={config.resume_step} is not before total_steps={config.total_steps}.'
+    )
+
+
+def _check_optim(optim, total_steps: int) -> None:
+  def number(name: str, low: float, high: float = math.inf, *, open_high: bool = False) -> None:
+    value = optim[name]
+    inside = low <= value < high if open_high else low <= value <= high
+    if not math.isfinite(value) or not inside:
+      bounds = f'[{low}, {high})' if open_high else f'[{low}, {high}]'
+      raise ValueError(f'optim.{name}={value!r} must be a finite number in {bounds}.')
+
+  number('learning_rate', 0.0)
+  number('weight_decay', 0.0)
+  number('clip_norm', 0.0)
+  number('eps', 0.0)
+  number('min_lr_ratio', 0.0, 1.0)
+  number('decay_fraction', 0.0, 1.0)
+  number('b1', 0.0, 1.0, open_high=True)
+  number('b2', 0.0, 1.0, open_high=True)
+  if not isinstance(optim.grad_accum, int) or optim.grad_accum < 1:
+    raise ValueError(f'optim.grad_accum={optim.grad_accum!r} must be an integer of at least 1.')
+  if not 0 <= optim.warmup_steps <= total_steps:
+    raise ValueError(
+      f'optim.warmup_steps={optim.warmup_steps} must be in [0, total_steps={total_steps}].'
     )
 
 

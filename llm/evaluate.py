@@ -15,10 +15,10 @@ import json
 import os
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from llm import sharding
+from llm import cli, sharding
 from llm.data import streams, tokenizer
 from llm.eval import choice, generation, lm, tasks
 from llm.generate import Sampling
@@ -77,6 +77,8 @@ def run() -> tuple[str, dict, dict]:
     tasks.task_name(p): tasks.read_jsonl(p, {'context': str, 'choices': list, 'label': int})
     for p in FLAGS.choice
   }
+  sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  cli.check_positive('eval_batch_size', 'max_new_tokens')
   mesh = sharding.mesh_from_spec(FLAGS.mesh)
   source = models.open(FLAGS.workdir)
   config = _data_settings(source)
@@ -88,7 +90,6 @@ def run() -> tuple[str, dict, dict]:
     key = 'finetune' if finetune else 'lm'
     summary[key] = split_metrics(cfg, params, tok, config, mesh, source)
     print(f'{FLAGS.split}: ' + json.dumps(summary[key]), flush=True)
-  sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   for name, examples in gen_tasks.items():
     summary[f'generation/{name}'], per_example[name] = generation.generation_task(
       cfg,
@@ -114,10 +115,7 @@ def run() -> tuple[str, dict, dict]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Keep orbax's restore chatter off the output.
-  try:
-    out, summary, per_example = run()
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
+  out, summary, per_example = run()
   tasks.write_results(out, summary, per_example)
   print(f'Wrote {os.path.join(out, "summary.json")}.')
 
@@ -144,4 +142,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('mesh', '', "Mesh sizes, e.g. 'tensor=4'; default: all devices on data.")
   flags.DEFINE_string('output_dir', '', 'Where to write; default DIR/eval/step_<step>.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,6 @@ vocabulary that `llm/data/mlm.py` trains with.
 """
 
 import dataclasses
-import sys
 
 import jax
 import numpy as np
@@ -105,11 +104,12 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)  # Keep orbax's restore chatter off the output.
   FLAGS = flags.FLAGS
-  try:
-    cfg, params, tok = models.load(FLAGS.model, tokenizer=FLAGS.tokenizer)
-    results = fill_mask(cfg, params, tok, FLAGS.text, FLAGS.top_k)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'Error: {e}')
+  if MASK not in FLAGS.text:
+    raise ValueError(f'--text={FLAGS.text!r} has no {MASK}; put one where a word is to be guessed.')
+  if FLAGS.top_k <= 0:
+    raise ValueError(f'--top_k={FLAGS.top_k} must be positive.')
+  cfg, params, tok = models.load(FLAGS.model, tokenizer=FLAGS.tokenizer)
+  results = fill_mask(cfg, params, tok, FLAGS.text, FLAGS.top_k)
   print(FLAGS.text)
   for n, predictions in enumerate(results, 1):
     print(f'{MASK} {n} of {len(results)}:')
@@ -118,11 +118,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
+
+  from llm import cli
 
   flags.DEFINE_string('model', None, 'Hugging Face directory, params export or training workdir.')
   flags.DEFINE_string('text', None, f'Text with one or more {MASK}.')
   flags.DEFINE_integer('top_k', 5, 'Predictions shown per mask.')
   flags.DEFINE_string('tokenizer', '', "'byte', a .model file or a Hugging Face tokenizer dir.")
   flags.mark_flags_as_required(['model', 'text'])
-  app.run(main)
+  cli.run(main)

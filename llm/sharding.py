@@ -275,6 +275,33 @@ def embedding_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
   )(table_VD, tokens_BT)
 
 
+def per_shard(fn, in_axes: tuple, out_axes: tuple[str | None, ...]):
+  """`fn` run on each device's shard of its array arguments, split by logical axis names.
+
+  For kernels that must see whole rows and heads: a Pallas call, which XLA
+  cannot partition and would run on operands gathered onto every device, or a
+  loop whose branches should depend on this device's rows alone. `in_axes`
+  holds one tuple of logical names per argument. Without a mesh, or when a
+  mesh axis does not divide its dimension, `fn` itself: XLA partitions it.
+  """
+
+  def run(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return fn(*args)
+    specs = tuple(nn.logical_to_mesh_axes(axes, RULES) for axes in in_axes)
+    for spec, x in zip(specs, args, strict=True):
+      for dim, axes in zip(x.shape, spec, strict=False):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        if dim % math.prod(mesh.shape[a] for a in axes):
+          return fn(*args)
+    out_spec = nn.logical_to_mesh_axes(out_axes, RULES)
+    # Pallas calls carry no varying-axes types, so shard_map cannot check them.
+    return jax.shard_map(fn, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
+
+  return run
+
+
 @contextlib.contextmanager
 def rules_context(mesh: Mesh):
   """Context in which `nn.with_logical_constraint` in the model takes effect."""

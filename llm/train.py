@@ -14,7 +14,6 @@ loss is `llm.losses`', the same that every evaluation uses.
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Iterator
 
@@ -26,10 +25,11 @@ import numpy as np
 import optax
 
 from llm import config as config_lib
-from llm import finetune, losses, optim, sharding
+from llm import finetune, losses, optim, resume, sharding
 from llm import metrics as metrics_lib
 from llm.data import streams
 from llm.io import checkpoint
+from llm.io import workdir as workdir_lib
 from llm.model import ModelConfig, Transformer, param_shardings, resolve
 from llm.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionFlag
 
@@ -197,14 +197,17 @@ class Trainer:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings
     )
 
-  def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> tuple[State, Iterator]:
-    """The newest complete checkpoint's state and data stream, or fresh ones.
+  def restore_or_init(
+    self, ckpt: checkpoint.Checkpointer | None, step: int | None = None
+  ) -> tuple[State, Iterator]:
+    """Checkpoint `step`'s state and data stream (default: the newest), or fresh ones.
 
     The restore targets this trainer's shardings, so a checkpoint written on
-    any mesh continues on this one.
+    any mesh continues on this one. A checkpoint saved on other data than this
+    config reads is refused unless `resume_on_new_data` (docs/workdir.md).
     """
     train_iter = streams.make_iterator(streams.Stream.of(self.config, 'train'), self.model_cfg)
-    step = ckpt.latest_step()
+    step = ckpt.latest_step() if step is None and ckpt is not None else step
     if step is None:
       state = self.init_state()
       if self.config.init_from:  # Fine-tuning: pretrained params, fresh optimizer state.
@@ -216,12 +219,22 @@ class Trainer:
           shardings=self.shardings['params'],
         )
       return state, train_iter
+    path = ckpt.directory / str(step)
     saved = ckpt.saved_config(step)
-    checkpoint.check_compatible(saved['model'], self.model_cfg, ckpt.directory / str(step))
+    checkpoint.check_compatible(saved['model'], self.model_cfg, path)
     state, data_state = ckpt.restore(step, self.abstract_state(), self.shardings)
-    train_iter.set_state(data_state)
+    if resume.data_applies(data_state, self._data_identity, self.config, path):
+      train_iter.set_state(data_state.get('iterator', data_state))
     print(f'Resumed from step {step} of {ckpt.directory}.', flush=True)
     return state, train_iter
+
+  def data_state(self, train_iter) -> dict:
+    """What a checkpoint keeps of the stream: its position and which data it reads."""
+    return {'iterator': train_iter.get_state(), 'source': self._data_identity}
+
+  @functools.cached_property
+  def _data_identity(self) -> dict:
+    return streams.identity(self.config.data)
 
   def step(self, state: State, host_batch: dict) -> tuple[State, dict]:
     with sharding.rules_context(self.mesh):
@@ -253,14 +266,18 @@ class Trainer:
         batches.close()
 
 
+_GUARDED = ('loss', 'grad_norm', 'param_norm')
+
+
 def _check_finite(rows: list[tuple[int, dict]]) -> None:
   for step, m in rows:
-    loss = float(m['loss'])
-    if not np.isfinite(loss):
-      raise FloatingPointError(
-        f'The loss became {loss} at step {step}; lower optim.learning_rate, enable '
-        'optim.clip_norm or z_loss, or check the data of that step.'
-      )
+    for name in _GUARDED:
+      value = float(m[name])
+      if not np.isfinite(value):
+        raise FloatingPointError(
+          f'The {name} became {value} at step {step}; lower optim.learning_rate, enable '
+          'optim.clip_norm or z_loss, or check the data of that step.'
+        )
 
 
 class _Meter:
@@ -314,31 +331,24 @@ class _Meter:
     self._pending, self._last_time, self._last_step = [], now, step
 
 
-def _open(config: ml_collections.ConfigDict, workdir: str):
-  """The trainer, checkpointer, restored state and data stream of a run in `workdir`."""
-  trainer = Trainer.create(config)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  ckpt = checkpoint.Checkpointer(
-    workdir,
-    keep=config.keep_checkpoints,
-    keep_period=config.keep_period,
-    async_save=config.async_checkpointing,
-  )
-  state, train_iter = trainer.restore_or_init(ckpt)
-  # After the stream is built: it trains the dataset's tokenizer if it was missing.
-  checkpoint.save_tokenizer(workdir, streams.tokenizer_of(config.data))
-  return trainer, ckpt, state, train_iter
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`, resuming from `workdir`'s newest checkpoint; returns the last row.
 
-  Raises `PreemptedError` after saving when SIGTERM arrives.
+  Holds `workdir`'s lock throughout (llm/io/workdir.py). Raises
+  `PreemptedError` after saving when SIGTERM arrives.
   """
-  trainer, ckpt, state, train_iter = _open(config, workdir)
+  workdir_lib.check_trainable(workdir)
+  resume.check_init_from(config)
+  trainer = Trainer.create(config)
+  with workdir_lib.hold(workdir):
+    opened = resume.open_run(trainer, workdir)
+    if opened is None:
+      return {}
+    return _loop(trainer, workdir, *opened)
+
+
+def _loop(trainer: Trainer, workdir: str, ckpt, state, train_iter) -> dict:
+  config = trainer.config
   start, total = int(state['step']), config.total_steps
   writer = metrics_lib.Writer(workdir, resume_step=start)
   print(
@@ -356,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.log_every == 0 or done or preempted:
         meter.log(step)
       if step % config.checkpoint_every == 0 or done or preempted:
-        ckpt.save(step, state, train_iter.get_state(), config)
+        ckpt.save(step, state, trainer.data_state(train_iter), config)
       if preempted:
         ckpt.wait()
         raise PreemptedError(
@@ -384,23 +394,21 @@ def main(argv):
     # Cloud TPU VMs: finds the other workers itself. Also sets up the
     # preemption sync point that PreemptionFlag relies on.
     jax.distributed.initialize()
-
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except PreemptedError as e:
     print(e, flush=True)
     raise SystemExit(PREEMPTED_EXIT_CODE) from None
-  except (ValueError, FloatingPointError) as e:
-    # Bad input is the user's to fix: one sentence, no traceback.
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from llm import cli
 
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for metrics and checkpoints.')
   flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (multi-host TPU).')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

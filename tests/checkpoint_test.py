@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -231,3 +234,148 @@ def test_batches_continue_after_restore():
   it = synthetic.SyntheticIterator(vocab_size=128, batch_size=8, seq_len=32, seed=0)
   it.set_state({'step': 3})
   np.testing.assert_array_equal(next(it)['inputs'], first[3]['inputs'])
+
+
+# ----------------------------------------------------------------------------
+# Checksums, unreadable checkpoints and resuming from an older step, on a small
+# hand-made state (no model to compile).
+
+
+def _on(shape, spec=()):
+  """A NamedSharding on a mesh of all 8 devices of `shape`, as the trainer makes them."""
+  mesh = jax.make_mesh(shape, ('a', 'b'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _state(seed=0):
+  """A state tree like a trainer's: its largest array sharded 8 ways, the others replicated."""
+  w = jax.random.normal(jax.random.key(seed), (256, 128), jnp.float32)
+  state = {
+    'params': {'w': w, 'b': jnp.arange(8, dtype=jnp.bfloat16)},
+    'opt_state': {'mask': jnp.arange(6) % 2 == 0, 'count': jnp.arange(3, dtype=jnp.int32)},
+    'step': jnp.int32(seed),
+  }
+  return jax.device_put(state, _shardings(state, (8, 1), ('a',)))
+
+
+def _shardings(state, shape, spec):
+  return jax.tree.map(lambda x: _on(shape, spec if x.ndim == 2 else ()), state)
+
+
+def _save(workdir, *steps):
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=0, async_save=False)
+  for step in steps:
+    ckpt.save(step, _state(step), {'step': step}, ml_collections.ConfigDict({'seed': step}))
+  ckpt.close()
+
+
+def _restore(workdir, step):
+  """Restores `step` onto another mesh than the one that saved it."""
+  target = _state()
+  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+  try:
+    return ckpt.restore(step, target, _shardings(target, (2, 4), ('b', 'a')))
+  finally:
+    ckpt.close()
+
+
+def _one_sentence_error(workdir, step) -> str:
+  with pytest.raises(ValueError) as e:
+    _restore(workdir, step)
+  message = str(e.value)
+  assert '\n' not in message and len(message) < 600, message
+  assert f'{workdir}/checkpoints/{step} ' in message, message
+  return message
+
+
+def test_checksums_do_not_depend_on_the_sharding_and_see_one_flipped_bit():
+  x = _state()['params']['w']
+  replicated = jax.device_put(x, _on((8, 1)))
+  tensor = jax.device_put(x, _on((2, 4), ('b', 'a')))
+  sums = [checkpoint.checksums({'w': y})['w'] for y in (x, replicated, tensor, np.asarray(x))]
+  assert all(s == sums[0] for s in sums)
+  flipped = np.array(x)
+  flipped.view(np.uint32)[100, 7] ^= 1 << 31
+  changed = checkpoint.checksums({'w': jax.device_put(flipped, x.sharding)})['w']
+  assert changed['checksum'][0] != sums[0]['checksum'][0]
+  assert changed['checksum'][1] != sums[0]['checksum'][1]
+
+
+def test_a_saved_state_restores_verified_onto_another_mesh(tmp_path, capsys):
+  _save(tmp_path, 5)
+  state, data_state = _restore(tmp_path, 5)
+  assert data_state == {'step': 5} and 'without verifying' not in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(_state(5)))
+  saved = json.loads((tmp_path / 'checkpoints/5/checksums/metadata').read_text())['arrays']
+  assert saved['params/w']['shape'] == [256, 128] and saved['opt_state/mask']['dtype'] == 'bool'
+
+
+def test_a_state_changed_after_saving_is_refused_naming_the_array(tmp_path):
+  import orbax.checkpoint as ocp
+
+  _save(tmp_path, 3, 4)
+  path = tmp_path / 'checkpoints/4/state'
+  with ocp.PyTreeCheckpointer() as orbax:
+    raw = orbax.restore(path)
+    raw['params']['w'] = np.array(raw['params']['w'])
+    raw['params']['w'][17, 3] += 1.0
+    orbax.save(path, raw, force=True)  # A valid file, different values.
+  message = _one_sentence_error(tmp_path, 4)
+  assert 'does not match the checksums it was saved with in params/w,' in message
+  assert message.endswith(
+    'set --config.resume_step=3 to resume from the previous complete checkpoint, or move it away.'
+  )
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state()['params'])
+  assert ckpt.restore_params(4, {'b': params['b']})['b'].dtype == jnp.bfloat16  # Intact.
+  with pytest.raises(ValueError, match=r'checkpoints/4 does not match .* in params/w, '):
+    ckpt.restore_params(4, params)
+  ckpt.close()
+
+
+def _largest_data_file(workdir, step) -> Path:
+  files = (workdir / f'checkpoints/{step}/state').rglob('*')
+  return max((f for f in files if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def test_flipped_bytes_in_a_data_file_are_one_sentence(tmp_path):
+  _save(tmp_path, 2)
+  f = _largest_data_file(tmp_path, 2)
+  data = bytearray(f.read_bytes())
+  for i in range(len(data) // 3, len(data) // 3 + 16):
+    data[i] ^= 0xFF
+  f.write_bytes(bytes(data))
+  message = _one_sentence_error(tmp_path, 2)  # Unreadable, or read as other values.
+  assert 'start a new workdir' in message
+
+
+def test_a_truncated_data_file_is_one_sentence(tmp_path):
+  _save(tmp_path, 2, 7)
+  f = _largest_data_file(tmp_path, 7)
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  message = _one_sentence_error(tmp_path, 7)
+  assert 'is corrupt or incomplete (' in message and 'resume_step=2 ' in message
+
+
+def test_set_aside_after_moves_newer_steps_and_keeps_both_copies(tmp_path):
+  _save(tmp_path, 1, 2, 3)
+  with pytest.raises(ValueError, match=r'no complete checkpoint at step 4; .* \[1, 2, 3\]'):
+    checkpoint.set_aside_after(str(tmp_path), 4)
+  assert checkpoint.set_aside_after(str(tmp_path), 1) == [2, 3]
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+  ckpt.close()
+  _save(tmp_path, 2)  # Trained again from step 1, then set aside again: nothing is overwritten.
+  assert checkpoint.set_aside_after(str(tmp_path), 1) == [2]
+  aside = sorted(p.name for p in (tmp_path / 'checkpoints-set-aside').iterdir())
+  assert aside == ['2', '2-1', '3']
+  assert checkpoint.set_aside_after(str(tmp_path), 1) == []
+  assert _restore(tmp_path, 1)[1] == {'step': 1}
+
+
+def test_a_checkpoint_saved_before_checksums_restores(tmp_path, capsys):
+  _save(tmp_path, 6)
+  shutil.rmtree(tmp_path / 'checkpoints/6/checksums')
+  state, _ = _restore(tmp_path, 6)
+  assert int(state['step']) == 6
+  assert 'restored without verifying it' in capsys.readouterr().out

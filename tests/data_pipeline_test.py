@@ -205,7 +205,7 @@ def test_more_hosts_than_documents():
 
 
 def test_missing_text_field():
-  with pytest.raises(KeyError, match="text_field='body'.*text"):
+  with pytest.raises(ValueError, match="text_field='body'.*text"):
     pipeline.build(
       SOURCE,
       TOK,
@@ -292,3 +292,55 @@ def test_worker_processes_give_the_same_stream_and_resume():
   for want in expected:
     np.testing.assert_array_equal(next(resumed)['targets'], want['targets'])
   resumed.close()
+
+
+def test_synthetic_num_sequences_must_be_positive():
+  cfg = config_lib.data_config()
+  cfg.synthetic_num_sequences = 0
+  with pytest.raises(ValueError, match='data.synthetic_num_sequences=0 must be a positive number'):
+    _iterator(cfg, split='train', batch_size=4, seq_len=8, seed=0, vocab_size=16, process_count=1)
+
+
+def test_identity_of_the_synthetic_stream():
+  cfg = config_lib.data_config()
+  identity = streams.identity(cfg)
+  assert identity == {'dataset': 'synthetic', 'num_sequences': 64}
+  assert streams.skipped_report(cfg) == ''
+  cfg.synthetic_num_sequences = 8
+  assert streams.describe_change(identity, streams.identity(cfg)) == (
+    'data.synthetic_num_sequences changed (64 -> 8)'
+  )
+
+
+TEXT_FILES = {
+  'dataset': 'text_files',
+  'prepared': 'text_files/0123456789ab-aaaaaaaa/1.0.0',
+  'split': 'train',
+  'documents': {'train': 10, 'validation': 2},
+  'tokenizer': 'sentencepiece sha256:1a2b',
+}
+
+
+@pytest.mark.parametrize(
+  'current, change',
+  [
+    ({}, ''),
+    ({'dataset': 'shakespeare'}, "data.dataset changed ('text_files' -> 'shakespeare')"),
+    (
+      {'tokenizer': 'byte', 'prepared': 'text_files/0123456789ab-bbbbbbbb/1.0.0'},
+      'data.text_files now matches other files (text_files/0123456789ab-aaaaaaaa/1.0.0 -> '
+      'text_files/0123456789ab-bbbbbbbb/1.0.0) and the tokenizer changed '
+      '(sentencepiece sha256:1a2b -> byte)',
+    ),
+    (
+      {'prepared': 'text_files/ffffffffffff-aaaaaaaa/1.0.0', 'documents': {'train': 11}},
+      'data.text_files or how it is read (text_unit, text_field, ...) changed '
+      '(text_files/0123456789ab-aaaaaaaa/1.0.0 -> text_files/ffffffffffff-aaaaaaaa/1.0.0) '
+      'and the prepared dataset holds other documents (train 10, validation 2 -> train 11)',
+    ),
+    ({'split': 'train[:90%]'}, "data.train_split changed ('train' -> 'train[:90%]')"),
+  ],
+)
+def test_describe_change(current, change):
+  got = streams.describe_change(TEXT_FILES, {**TEXT_FILES, **current})
+  assert got == change

@@ -163,6 +163,14 @@ def test_bad_settings(tmp_path, overrides, message):
     sources.prepare(cfg)
 
 
+def test_pattern_matching_nothing_says_nothing_was_prepared_from_it(tmp_path):
+  cfg = config(tmp_path, 'gone/*.txt')
+  with pytest.raises(
+    FileNotFoundError, match=r"gone/\*.txt' matches no files and data.data_dir=.* holds nothing"
+  ):
+    sources.data_source(cfg, 'train', allow_prepare=False)
+
+
 def test_catalog_dataset_not_prepared(tmp_path):
   cfg = config_lib.data_config()
   cfg.dataset = 'lm1b'
@@ -193,6 +201,12 @@ def test_prepare_tokenizer_and_pipeline_end_to_end(corpus, tmp_path):
   stream = np.concatenate([b['inputs'][b['segment_ids'] > 0] for b in it])
   docs = [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == tok.bos_id))[1:]]
   assert docs == prepared_texts(cfg, 'validation')
+  fingerprint = streams.identity(cfg)['tokenizer']
+  assert fingerprint.startswith('sentencepiece sha256:')
+  cfg_copy = config_lib.data_config()  # The same model read from another path is the same.
+  cfg_copy.tokenizer = str(tmp_path / 'copy.model')
+  tokenizer.save(tok, epath.Path(cfg_copy.tokenizer))
+  assert tokenizer.fingerprint(tokenizer.load(cfg_copy)) == fingerprint
   report = prepare.run(cfg)  # Already prepared: only reports.
   assert report['validation']['tokens'] == len(stream) - len(docs) + len(docs)
   assert 0 < report['validation']['unigram_entropy'] < np.log(300)
@@ -266,7 +280,7 @@ def test_catalog_dataset_prepared_by_the_user(tmp_path):
   with pytest.raises(ValueError, match="Split 'validation' is not in 'tiny_catalog'.*test, train"):
     sources.data_source(cfg, 'validation')
   cfg.text_field = 'text'
-  with pytest.raises(KeyError, match="text_field='text'.*body"):
+  with pytest.raises(ValueError, match="text_field='text'.*body"):
     _iterator(cfg, split='train', batch_size=2, seq_len=8, seed=0, process_count=1)
   # A TFRecord copy cannot be read without TensorFlow: say how to convert it.
   info_path = tmp_path / 'tiny_catalog' / '1.0.0' / 'dataset_info.json'
@@ -275,3 +289,174 @@ def test_catalog_dataset_prepared_by_the_user(tmp_path):
   info_path.write_text(json.dumps(info))
   with pytest.raises(ValueError, match='stored as tfrecord.*tfds convert_format'):
     sources.data_source(cfg, 'train')
+
+
+# ----------------------------------------------------------------------------
+# A changed corpus, the identity of what a run reads, what preparation skipped.
+
+
+def _lines_corpus(root, n_files):
+  for i in range(n_files):
+    write(root / f'part{i}.txt', '\n'.join(f'{line} (part {i})' for line in LINES[:10]).encode())
+  return root
+
+
+def _documents(b):
+  return sum(s.num_examples for s in b.info.splits.values())
+
+
+def test_changed_corpus_is_prepared_again_into_its_own_directory(tmp_path, capsys):
+  root = _lines_corpus(tmp_path / 'corpus', 2)
+  cfg = config(root, '*.txt', text_unit='line', data_dir=str(tmp_path / 'data'))
+  first = sources.prepare(cfg)
+  info = epath.Path(first.data_dir, 'dataset_info.json')
+  stamp = info.stat().mtime, len(list(epath.Path(first.data_dir).iterdir()))
+  capsys.readouterr()
+  again = sources.prepare(cfg)  # Unchanged files: the same directory, not prepared again.
+  assert again.data_dir == first.data_dir and (info.stat().mtime, stamp[1]) == stamp
+  assert 'changed' not in capsys.readouterr().out
+  before, tokenizer_before = streams.identity(cfg), sources.tokenizer_path(cfg)
+
+  write(root / 'part9.txt', b'one more line\nand another')
+  grown = sources.prepare(cfg)
+  assert grown.data_dir != first.data_dir and _documents(grown) == _documents(first) + 2
+  assert (
+    'data.text_files changed since it was prepared (1 file added, 0 modified, 0 removed): '
+    f'preparing it again into {grown.data_dir}.\n'
+  ) in capsys.readouterr().out
+  assert sources.tokenizer_path(cfg) != tokenizer_before  # It trains its own tokenizer.
+  change = streams.describe_change(before, streams.identity(cfg))
+  assert change.startswith('data.text_files now matches other files (text_files/')
+  assert 'the prepared dataset holds other documents (train ' in change
+
+  write(root / 'part0.txt', b'rewritten')
+  (root / 'part1.txt').unlink()
+  sources.prepare(cfg)
+  assert '(0 files added, 1 modified, 1 removed)' in capsys.readouterr().out
+
+
+def test_corpus_whose_files_are_gone_is_read_from_its_preparation(tmp_path, capsys):
+  root = _lines_corpus(tmp_path / 'corpus', 2)
+  cfg = config(root, '*.txt', text_unit='line', data_dir=str(tmp_path / 'data'))
+  texts = prepared_texts(cfg, 'train')
+  for path in root.iterdir():
+    path.unlink()
+  capsys.readouterr()
+  assert prepared_texts(cfg, 'train') == texts
+  assert prepared_texts(cfg, 'train') == texts
+  out = capsys.readouterr().out
+  assert out.count('matches no files now; reading the dataset prepared from it before') == 1
+  with pytest.raises(FileNotFoundError, match='matches no files'):
+    sources.prepare(cfg, overwrite=True)  # Never deletes the only copy.
+  assert prepared_texts(cfg, 'train') == texts
+
+
+def test_reading_a_changed_corpus_without_preparing_says_what_changed(tmp_path):
+  root = _lines_corpus(tmp_path / 'corpus', 2)
+  cfg = config(root, '*.txt', text_unit='line', data_dir=str(tmp_path / 'data'))
+  sources.prepare(cfg)
+  write(root / 'part7.txt', b'new')
+  with pytest.raises(
+    FileNotFoundError, match=r'changed since it was prepared \(1 file added.*llm.data.prepare'
+  ):
+    sources.data_source(cfg, 'train', allow_prepare=False)
+
+
+def test_identity_names_the_prepared_data_wherever_data_dir_is(tmp_path):
+  root = _lines_corpus(tmp_path / 'corpus', 2)
+  cfg = config(root, '*.txt', text_unit='line', data_dir=str(tmp_path / 'a'))
+  unprepared = streams.identity(cfg)  # Prepares nothing.
+  assert 'documents' not in unprepared and not list(tmp_path.glob('a/**/dataset_info.json'))
+  sources.prepare(cfg)
+  identity = streams.identity(cfg)
+  assert identity['prepared'] == f'text_files/{unprepared["prepared"].split("/")[1]}/1.0.0'
+  assert identity['tokenizer'] == 'byte' and identity['split'] == 'train'
+  assert json.loads(json.dumps(identity)) == identity
+  (tmp_path / 'a').rename(tmp_path / 'b')  # The same data mounted elsewhere.
+  moved = config(root, '*.txt', text_unit='line', data_dir=str(tmp_path / 'b'))
+  assert streams.identity(moved) == identity
+  assert streams.describe_change(identity, streams.identity(moved)) == ''
+
+
+def test_identity_never_trains_the_tokenizer(tmp_path):
+  root = _lines_corpus(tmp_path / 'corpus', 2)
+  cfg = config(root, '*.txt', text_unit='line', data_dir=str(tmp_path / 'data'), tokenizer='')
+  sources.prepare(cfg)
+  with pytest.raises(FileNotFoundError, match='tokenizer .* does not exist'):
+    streams.identity(cfg)
+  assert not sources.tokenizer_path(cfg).exists()
+
+
+def test_skipped_report_is_read_back_from_the_prepared_dataset(corpus, tmp_path):
+  jsonl = config(corpus, '*.jsonl*', data_dir=str(tmp_path / 'data'))
+  sources.prepare(jsonl)
+  report = streams.skipped_report(jsonl)  # From a new builder: what was stored.
+  assert report.startswith('data: skipped 3 records of data.text_files (')
+  assert all(f'{k}=1' in report for k in ('not_json', 'missing_field', 'field_not_text'))
+  assert report.endswith('; see `python -m llm.data.prepare` for examples.')
+  lines = config(corpus, '**/*.txt*', text_unit='line', data_dir=str(tmp_path / 'data'))
+  sources.prepare(lines)
+  assert streams.skipped_report(lines) == (
+    'data: skipped 2 files of data.text_files (empty_files=1, binary_files=1) and read 1 '
+    'document with invalid UTF-8 as replacement characters; see `python -m llm.data.prepare` '
+    'for examples.'
+  )
+  clean = config(corpus, 'a.txt', text_unit='line', data_dir=str(tmp_path / 'data'))
+  sources.prepare(clean)
+  assert streams.skipped_report(clean) == ''
+
+
+@pytest.mark.parametrize('given', ['corpus', 'corpus/'])
+def test_a_directory_is_not_a_glob(tmp_path, monkeypatch, given):
+  _lines_corpus(tmp_path / 'corpus', 1)
+  monkeypatch.chdir(tmp_path)
+  cfg = config(tmp_path, 'x', data_dir=str(tmp_path / 'data'))
+  cfg.text_files = given
+  with pytest.raises(
+    ValueError, match=rf"text_files='{given}' is a directory.*'corpus/\*.txt'.*'corpus/\*\*/\*.txt'"
+  ):
+    sources.prepare(cfg)
+
+
+@pytest.mark.parametrize(
+  'typo, meant',
+  [('shakespear', 'shakespeare'), ('text_file', 'text_files'), ('synthetc', 'synthetic')]
+  + [('stf', 'sft'), ('clasification', 'classification'), ('tiny_catalg', 'tiny_catalog')],
+)
+def test_misspelt_dataset_suggests_the_name_meant(tmp_path, typo, meant):
+  TinyCatalog(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  cfg = config_lib.data_config()
+  cfg.update(dataset=typo, data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=f"dataset='{typo}' is neither built in .* mean '{meant}'"):
+    # Before the model's too small vocabulary: the dataset is the first thing to fix.
+    _iterator(cfg, split='train', batch_size=2, seq_len=8, seed=0, process_count=1, vocab_size=64)
+
+
+def test_finetuning_datasets_have_nothing_to_prepare(tmp_path):
+  cfg = config_lib.data_config()
+  cfg.update(dataset='sft', data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="dataset='sft' reads data.train_files .* no prepared"):
+    sources.prepare(cfg)
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    (dict(spm_vocab_size=0), r'data.spm_vocab_size=0 must be a positive number'),
+    (dict(spm_max_lines=-1), r'data.spm_max_lines=-1 must be a positive number'),
+    (dict(spm_model_type='word'), r"data.spm_model_type='word' is not one of"),
+    (dict(objective='mlm', mlm_probability=1.5), r'data.mlm_probability=1.5 must be in'),
+    (dict(objective='mlm', mlm_random_fraction=-0.1), r'data.mlm_random_fraction=-0.1 must be'),
+    (dict(read_threads=-1), r'data.read_threads=-1 must be a whole number >= 0'),
+    (dict(prefetch_batches=-2), r'data.prefetch_batches=-2 must be a whole number >= 0'),
+    (dict(worker_count=-1), r'data.worker_count=-1 must be a whole number >= 0'),
+    (dict(validation_fraction=0.0), r'data.validation_fraction=0.0 must be between 0 and 1'),
+    (dict(spm_vocab_size=600), r'model.vocab_size=512 is smaller than data.spm_vocab_size=600'),
+  ],
+)
+def test_bad_data_settings_stop_before_anything_is_prepared(corpus, tmp_path, overrides, message):
+  cfg = config(corpus, 'a.txt', data_dir=str(tmp_path / 'data'), tokenizer='', spm_vocab_size=300)
+  cfg.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    _iterator(cfg, split='train', batch_size=2, seq_len=8, seed=0, process_count=1, vocab_size=512)
+  assert not list(tmp_path.glob('data/**/dataset_info.json'))

@@ -1,5 +1,6 @@
 """Tokenizers: exact round trips, special ids, training errors, loading."""
 
+import pathlib
 import pickle
 
 import pytest
@@ -103,3 +104,31 @@ def test_load_missing_model(tmp_path):
   cfg.tokenizer = str(tmp_path / 'missing.model')
   with pytest.raises(FileNotFoundError, match='missing.model'):
     tokenizer.load(cfg)
+
+
+def test_fingerprint_is_of_the_content(spm_tok, tmp_path):
+  assert tokenizer.fingerprint(tokenizer.ByteTokenizer()) == 'byte'
+  here = tokenizer.fingerprint(spm_tok)
+  assert here.startswith('sentencepiece sha256:') and len(here) == len('sentencepiece sha256:') + 16
+  tokenizer.save(spm_tok, tmp_path / 'a.model')
+  cfg = config_lib.data_config()
+  cfg.tokenizer = str(tmp_path / 'a.model')
+  assert tokenizer.fingerprint(tokenizer.load(cfg)) == here
+  other = tokenizer.train_sentencepiece(CORPUS, vocab_size=300, model_type='bpe', max_lines=1000)
+  assert tokenizer.fingerprint(other) != here
+
+
+HF = pathlib.Path(__file__).parent / 'fixtures' / 'hf'
+
+
+def test_fingerprint_of_a_hugging_face_tokenizer_and_its_copy(tmp_path):
+  cfg = config_lib.data_config()
+  cfg.tokenizer = str(HF / 'gpt2')
+  tok = tokenizer.load(cfg)
+  tokenizer.save_dir(tok, tmp_path / 'tokenizer')
+  cfg.tokenizer = str(tmp_path)  # A workdir: its tokenizer/ copy.
+  copy = tokenizer.load(cfg)
+  assert tokenizer.fingerprint(copy) == tokenizer.fingerprint(tok)
+  assert tokenizer.fingerprint(tok).startswith('huggingface sha256:')
+  cfg.tokenizer = str(HF / 'bert_tiny')
+  assert tokenizer.fingerprint(tokenizer.load(cfg)) != tokenizer.fingerprint(tok)

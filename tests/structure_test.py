@@ -26,7 +26,7 @@ FLOORS = [
   (3, 'losses', ('llm.losses',)),
   (4, 'data', ('llm.data',)),
   (5, 'io', ('llm.io', 'llm.convert', 'llm.metrics')),
-  (6, 'training', ('llm.train', 'llm.finetune', 'llm.preemption', 'llm.compile')),
+  (6, 'training', ('llm.train', 'llm.resume', 'llm.finetune', 'llm.preemption', 'llm.compile')),
   (6, 'inference', ('llm.eval', 'llm.generate', 'llm.fill_mask')),
   (7, 'mains', ('llm.evaluate',)),
 ]

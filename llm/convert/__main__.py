@@ -12,10 +12,9 @@ transformers' `from_pretrained` loads, from an export, a workdir or a
 Hugging Face directory. Only safetensors are read: pickles are refused.
 """
 
-import sys
-
 from absl import app, flags, logging
 
+from llm import cli
 from llm.convert import commands
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory (read or written).')
@@ -56,25 +55,21 @@ def main(argv):
   if missing:
     raise app.UsageError(f'{argv[1]} needs {" and ".join(missing)}. {_USAGE}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO.
-  try:
-    if argv[1] == 'import':
-      commands.import_hf(
-        _HF_DIR.value, _OUT.value, param_dtype=_PARAM_DTYPE.value, scan_layers=_SCAN_LAYERS.value
-      )
-    elif argv[1] == 'params':
-      commands.write_params(_SOURCE.value, _OUT.value, dtype=_DTYPE.value)
-    else:
-      commands.export_hf(
-        _PARAMS.value,
-        _HF_DIR.value,
-        tokenizer=_TOKENIZER.value,
-        dtype=_DTYPE.value,
-        max_shard_bytes=int(_MAX_SHARD_GB.value * 10**9),
-      )
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    # Bad input: one sentence, no traceback.
-    sys.exit(f'Error: {e}')
+  if argv[1] == 'import':
+    commands.import_hf(
+      _HF_DIR.value, _OUT.value, param_dtype=_PARAM_DTYPE.value, scan_layers=_SCAN_LAYERS.value
+    )
+  elif argv[1] == 'params':
+    commands.write_params(_SOURCE.value, _OUT.value, dtype=_DTYPE.value)
+  else:
+    commands.export_hf(
+      _PARAMS.value,
+      _HF_DIR.value,
+      tokenizer=_TOKENIZER.value,
+      dtype=_DTYPE.value,
+      max_shard_bytes=int(_MAX_SHARD_GB.value * 10**9),
+    )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

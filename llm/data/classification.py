@@ -104,6 +104,7 @@ def make_iterator(
   (whether it has token-type embeddings).
   """
   d = stream.data
+  examples_lib.files(d, stream.split)  # Missing files are the first thing to fix.
   tok = examples_lib.load_tokenizer(d, vocab_size)
   labels = {name: i for i, name in enumerate(label_names(d))}
 

@@ -23,12 +23,13 @@ tokens a row holds:
 """
 
 import glob
+import hashlib
 
 import grain
 import numpy as np
 from etils import epath
 
-from llm.data import jsonl, pipeline
+from llm.data import globs, jsonl, pipeline
 from llm.data import tokenizer as tokenizer_lib
 from llm.data.spec import Stream
 
@@ -49,6 +50,7 @@ def files(data_config, split: str) -> list[epath.Path]:
     raise ValueError(f'data.{key} is empty; set it to a glob of .jsonl files.')
   found = []
   for pattern in patterns:
+    globs.check_not_directory(key, pattern, '.jsonl')
     if '://' in pattern:
       root, _, rest = pattern.rpartition('/')
       matched = sorted(epath.Path(root).glob(rest)) if any(c in rest for c in '*?[') else []
@@ -58,7 +60,22 @@ def files(data_config, split: str) -> list[epath.Path]:
     if not matched:
       raise FileNotFoundError(f'data.{key} pattern {pattern!r} matches no files.')
     found += [p for p in matched if p.is_file()]
+  if not found:
+    raise FileNotFoundError(f'data.{key}={data_config[key]!r} matches only directories, no files.')
   return found
+
+
+def fingerprint(data_config, split: str) -> str:
+  """'N files sha256:...' of the contents of `split`'s files, in the order they are read.
+
+  By content, not by path or modification time: the files are small enough
+  to read twice, and a copy on another machine is then the same data.
+  """
+  paths = files(data_config, split)
+  h = hashlib.sha256()
+  for path in paths:
+    h.update(hashlib.sha256(epath.Path(path).read_bytes()).digest())
+  return f'{len(paths)} file{"" if len(paths) == 1 else "s"} sha256:{h.hexdigest()[:16]}'
 
 
 def check_truncation(policy: str) -> None:
@@ -103,7 +120,11 @@ def load(data_config, split: str, seq_len: int, make_example) -> list[dict]:
     else:
       out.append(ex)
   if dropped:
-    print(f'data.truncation=drop left out {dropped} of the {split} examples.', flush=True)
+    print(
+      f'data: left out {dropped} of the {len(out) + dropped} {split} examples of '
+      f"data.{SPLIT_KEYS[split]} (data.truncation='drop': longer than seq_len={seq_len}).",
+      flush=True,
+    )
   if not out:
     raise ValueError(f'No {split} example fits in seq_len={seq_len}.')
   return out

@@ -57,8 +57,8 @@ def mask_id(tok) -> int:
   return tok.vocab_size if found is None or found < 0 else int(found)
 
 
-def settings(data_config, tok) -> MlmSettings:
-  """The masking settings of `data_config` for tokenizer `tok`, checked."""
+def check(data_config) -> None:
+  """Stops on masking probabilities no run can use, before a dataset or tokenizer is made."""
   p = data_config.mlm_probability
   masked, rand = data_config.mlm_mask_fraction, data_config.mlm_random_fraction
   if not 0 < p <= 1:
@@ -71,6 +71,13 @@ def settings(data_config, tok) -> MlmSettings:
       f'data.mlm_mask_fraction={masked} + data.mlm_random_fraction={rand} exceeds 1; '
       'the rest of the chosen tokens is kept, so the two must sum to at most 1.'
     )
+
+
+def settings(data_config, tok) -> MlmSettings:
+  """The masking settings of `data_config` for tokenizer `tok`, checked."""
+  check(data_config)
+  p = data_config.mlm_probability
+  masked, rand = data_config.mlm_mask_fraction, data_config.mlm_random_fraction
   mask = mask_id(tok)
   named = [getattr(tok, f'{n}_id', -1) for n in ('pad', 'bos', 'eos', 'unk')]
   special = {int(i) for i in (*named, mask, *getattr(tok, 'special_ids', ())) if i >= 0}

@@ -54,6 +54,12 @@ def make_iterator(stream: Stream, *, vocab_size: int | None = None) -> 'Iterator
   """
   data_config = stream.data
   objective = mlm.objective(data_config)
+  if objective == 'mlm':
+    mlm.check(data_config)
+  check_reading(data_config)
+  sources.builder(data_config)  # A misspelt dataset or glob is the first thing to fix.
+  if not data_config.tokenizer:
+    tokenizer.check_trainable(data_config, vocab_size)
   tok = tokenizer.load(data_config, train_if_missing=stream.prepare)
   tokenizer.check_fits(tok, vocab_size)
   masking = mlm.settings(data_config, tok) if objective == 'mlm' else None
@@ -79,6 +85,21 @@ def make_iterator(stream: Stream, *, vocab_size: int | None = None) -> 'Iterator
     # Only here, so that LM states saved before the objective existed still resume.
     state_keys['objective'] = objective
   return Iterator(dataset, state_keys, copy=data_config.worker_count > 0)
+
+
+_READING = {
+  'read_threads': 'threads reading documents; 0 reads them in the thread that asks',
+  'prefetch_batches': 'batches made ahead; 0 makes each when asked',
+  'worker_count': 'worker processes; 0 uses threads only',
+}
+
+
+def check_reading(data_config) -> None:
+  """Stops on reading settings grain would reject later, or silently misread (workers < 0)."""
+  for name, meaning in _READING.items():
+    value = data_config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'data.{name}={value!r} must be a whole number >= 0 ({meaning}).')
 
 
 def host_range(n: int, stream: Stream, what: str = 'documents') -> tuple[int, int]:

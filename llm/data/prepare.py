@@ -14,11 +14,11 @@ lets several hosts start on a prepared dataset.
 """
 
 import json
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llm import cli
 from llm.data import sources, stats, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -29,6 +29,8 @@ _OVERWRITE = flags.DEFINE_bool(
 
 def run(data_config, *, overwrite: bool = False) -> dict:
   """Prepares the dataset and tokenizer of `data_config`; returns the summary it prints."""
+  if not data_config.tokenizer:
+    tokenizer.check_trainable(data_config)  # Not after a long preparation.
   b = sources.prepare(data_config, overwrite=overwrite)
   report = {'dataset': data_config.dataset, **sources.summary(b)}
   if not data_config.tokenizer:
@@ -51,13 +53,9 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config=experiments/NAME.py is required.')
   logging.set_verbosity(logging.INFO)
-  try:
-    report = run(config.data, overwrite=_OVERWRITE.value)
-  except (ValueError, KeyError, OSError, RuntimeError) as e:
-    # Bad input is explained in one sentence; a traceback would only bury it.
-    sys.exit(f'Error: {e.args[0] if e.args else e}')
+  report = run(config.data, overwrite=_OVERWRITE.value)
   print(json.dumps(report, indent=2, default=str), flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)  # Bad input is explained in one sentence; a traceback would only bury it.

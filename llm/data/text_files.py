@@ -14,11 +14,21 @@ The counts are printed when preparation ends and kept in the dataset's
 `metadata.json`. What cannot be skipped stops preparation with one sentence:
 a pattern that matches nothing, an unsupported file type, a corrupt gzip
 file, a corpus with no documents left, an empty validation split.
+
+A prepared corpus is named after its settings and its files (each one's size
+and modification time, in whole seconds): adding, changing or removing a file
+prepares it again, into a directory of its own, saying what changed; a corpus
+whose files are all gone is read from its last preparation. The tokenizer
+trained on a prepared corpus is stored under the corpus's name
+(`sources.tokenizer_path`), so a changed corpus trains its own tokenizer too;
+to keep the one a model was trained with, set `data.tokenizer` to it (its
+`.model` file, or the run's workdir, which holds a copy).
 """
 
 import collections
 import contextlib
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -28,6 +38,8 @@ import zlib
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+
+from llm.data import globs
 
 UNITS = ('file', 'line', 'passage')
 SUFFIXES = ('.txt', '.txt.gz', '.jsonl', '.jsonl.gz')
@@ -71,6 +83,7 @@ def expand(patterns: str) -> list[tuple[epath.Path, str]]:
   for pattern in (p.strip() for p in patterns.split(',')):
     if not pattern:
       continue
+    globs.check_not_directory('text_files', pattern, '.txt')
     parts = pattern.split('/')
     wild = next((i for i, p in enumerate(parts) if any(c in p for c in '*?[')), len(parts) - 1)
     root = '/'.join(parts[:wild])
@@ -131,13 +144,20 @@ def _decode(data: bytes, counts: collections.Counter) -> str:
 
 @dataclasses.dataclass(kw_only=True)
 class TextFilesConfig(tfds.core.BuilderConfig):
-  """What to read and how to cut it; its name is a hash of these fields."""
+  """What to read and how to cut it.
+
+  Its name is 'SETTINGS-FILES': a hash of these fields, then a hash of the
+  files' listing (`globs.listing`), so that a corpus whose files changed is
+  prepared again into a directory of its own, beside the earlier ones.
+  """
 
   patterns: str = ''
   unit: str = 'file'
   field: str = 'text'
   passage_chars: int = 2000
   validation_fraction: float = 0.05
+  files: tuple = dataclasses.field(default=(), repr=False)  # (path, name) per file, from `expand`.
+  listing: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
   def from_data_config(cls, data_config) -> 'TextFilesConfig':
@@ -149,7 +169,8 @@ class TextFilesConfig(tfds.core.BuilderConfig):
       raise ValueError(f'data.text_unit={data_config.text_unit!r} is not one of {UNITS}.')
     if not 0 < data_config.validation_fraction < 1:
       raise ValueError(
-        f'data.validation_fraction={data_config.validation_fraction} must be between 0 and 1.'
+        f'data.validation_fraction={data_config.validation_fraction} must be between 0 and 1, '
+        'both excluded: each split needs documents.'
       )
     if data_config.passage_chars <= 0:
       raise ValueError(f'data.passage_chars={data_config.passage_chars} must be positive.')
@@ -165,12 +186,65 @@ class TextFilesConfig(tfds.core.BuilderConfig):
       passage_chars=data_config.passage_chars,
       validation_fraction=data_config.validation_fraction,
     )
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    return cls(name=digest, description=json.dumps(fields), **fields)
+    settings = globs.digest(fields)[:12]
+    try:
+      found = expand(data_config.text_files)
+    except FileNotFoundError as e:
+      # The files are gone (deleted after preparing, or not mounted here): what was
+      # prepared from them is all there is, and still names the same documents.
+      before = previous(data_config.data_dir, settings)
+      if before is None:
+        raise FileNotFoundError(
+          f'{e.args[0].removesuffix(".")} and data.data_dir={data_config.data_dir!r} holds '
+          'nothing prepared from it; fix the pattern, then training or `python -m '
+          'llm.data.prepare --config=...` prepares it.'
+        ) from None
+      _note_once(
+        f'data.text_files={data_config.text_files!r} matches no files now; reading the '
+        f'dataset prepared from it before, in {before}.'
+      )
+      return cls(name=before.parent.name, description=json.dumps(fields), **fields)
+    listing = globs.listing(path for path, _ in found)
+    return cls(
+      name=f'{settings}-{globs.digest(listing)[:8]}',
+      description=json.dumps(fields),
+      files=tuple(found),
+      listing=listing,
+      **fields,
+    )
+
+
+def previous(data_dir: str, settings: str, name: str = '') -> epath.Path | None:
+  """The newest dataset prepared with the settings hash `settings`, other than config `name`."""
+  found = [
+    info.parent
+    for info in epath.Path(data_dir, 'text_files').glob(f'{settings}-*/*/dataset_info.json')
+    if info.parent.parent.name != name and not info.parent.name.startswith('incomplete')
+  ]
+  return max(found, key=lambda d: globs.modified(d / 'dataset_info.json'), default=None)
+
+
+def changed_since(data_dir: str, cfg: TextFilesConfig) -> str:
+  """How `cfg`'s files differ from the last preparation of the same globs; '' if there was none.
+
+  For example '12 files added, 1 modified, 0 removed'.
+  """
+  before = previous(data_dir, cfg.name.partition('-')[0], cfg.name)
+  if before is None or not cfg.listing:
+    return ''
+  path = before / 'metadata.json'
+  old = json.loads(path.read_text()).get('files', {}) if path.exists() else {}
+  return globs.changes(old, cfg.listing)
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+  # The builder is made several times per run (tokenizer, dataset, identity): one line is enough.
+  print(message, flush=True)
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Documents from the user's files; one builder config per distinct set of settings."""
+  """Documents from the user's files; one builder config per distinct set of settings and files."""
 
   VERSION = tfds.core.Version('1.0.0')
   # No TFDS checksums file to look for. (Looking for it touches `importlib_resources`,
@@ -187,8 +261,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    files = expand(self.builder_config.patterns)
+    cfg = self.builder_config
+    files = list(cfg.files) or expand(cfg.patterns)
     self._summary = {'files': len(files)}
+    # The next preparation of these globs compares its files with these.
+    self.info.metadata['files'] = cfg.listing or globs.listing(path for path, _ in files)
     return {
       'train': self._generate_examples(files, 'train'),
       'validation': self._generate_examples(files, 'validation'),
@@ -284,3 +361,35 @@ def _describe(summary: dict, split: str) -> str:
   skipped = {k: v for k, v in summary.items() if k.endswith('_files') and v}
   skipped.update({k: v for k, v in summary.get(split, {}).items() if k != 'documents'})
   return 'skipped: ' + (', '.join(f'{k}={v}' for k, v in skipped.items()) or 'nothing')
+
+
+def skipped_report(summary: dict) -> str:
+  """One line on what preparation left out or repaired, from its stored summary; '' if nothing.
+
+  Training prints it at start-up: a run on a corpus that lost records must say
+  so where the user looks, not only in the output of the preparation.
+  """
+  skipped = {k: v for k, v in summary.items() if k.endswith('_files') and v}
+  records = collections.Counter()
+  for split in ('train', 'validation'):
+    records.update(summary.get(split, {}))
+  records.pop('documents', None)
+  replaced = records.pop('invalid_utf8_replaced', 0) + summary.get('invalid_utf8_replaced', 0)
+  n_files = sum(skipped.values())
+  skipped.update((k, v) for k, v in records.items() if v)
+  n_records = sum(skipped.values()) - n_files
+  what = [_count(n, unit) for n, unit in ((n_files, 'file'), (n_records, 'record')) if n]
+  replacing = f'read {_count(replaced, "document")} with invalid UTF-8 as replacement characters'
+  if what:
+    details = ', '.join(f'{k}={v}' for k, v in skipped.items())
+    line = f'skipped {" and ".join(what)} of data.text_files ({details})'
+    line += f' and {replacing}' if replaced else ''
+  elif replaced:
+    line = replacing.replace(' with ', ' of data.text_files with ', 1)
+  else:
+    return ''
+  return f'data: {line}; see `python -m llm.data.prepare` for examples.'
+
+
+def _count(n: int, unit: str) -> str:
+  return f'{n} {unit}{"" if n == 1 else "s"}'

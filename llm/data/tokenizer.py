@@ -26,6 +26,7 @@ and evaluation read it from there (`load_dir`) and never rebuild it from the
 data settings, whose paths may be relative to another directory or gone.
 """
 
+import hashlib
 import io
 import json
 import re
@@ -111,10 +112,7 @@ def train_sentencepiece(
   Raises ValueError naming the vocab size that the text supports when
   `vocab_size` is out of range.
   """
-  if model_type not in ('bpe', 'unigram'):
-    raise ValueError(f"data.spm_model_type={model_type!r} is not one of 'bpe', 'unigram'.")
-  if vocab_size <= 0:
-    raise ValueError(f'data.spm_vocab_size={vocab_size} must be positive.')
+  check_spm(vocab_size=vocab_size, model_type=model_type, max_lines=max_lines)
 
   def counted_lines():
     n = 0
@@ -156,6 +154,29 @@ def train_sentencepiece(
   except RuntimeError as e:
     raise ValueError(_explain_training_error(str(e), vocab_size)) from None
   return SentencePieceTokenizer(model.getvalue())
+
+
+def check_spm(*, vocab_size, model_type, max_lines) -> None:
+  """Stops on sentencepiece settings no training accepts, before a dataset is prepared for it."""
+  if model_type not in ('bpe', 'unigram'):
+    raise ValueError(f"data.spm_model_type={model_type!r} is not one of 'bpe', 'unigram'.")
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+    raise ValueError(f'data.spm_vocab_size={vocab_size!r} must be a positive number of pieces.')
+  if isinstance(max_lines, bool) or not isinstance(max_lines, int) or max_lines <= 0:
+    raise ValueError(f'data.spm_max_lines={max_lines!r} must be a positive number of lines.')
+
+
+def check_trainable(data_config, model_vocab_size: int | None = None) -> None:
+  """Stops on spm_* settings that cannot give a tokenizer this model can use, before training."""
+  spm = data_config.spm_vocab_size
+  check_spm(
+    vocab_size=spm, model_type=data_config.spm_model_type, max_lines=data_config.spm_max_lines
+  )
+  if model_vocab_size is not None and spm > model_vocab_size:
+    raise ValueError(
+      f'model.vocab_size={model_vocab_size} is smaller than data.spm_vocab_size={spm}, the '
+      f"tokenizer trained on the corpus (data.tokenizer=''); set model.vocab_size >= {spm}."
+    )
 
 
 def _explain_training_error(message: str, vocab_size: int) -> str:
@@ -246,6 +267,7 @@ def train(data_config, *, overwrite: bool = False) -> epath.Path:
   """Trains the dataset's sentencepiece model, preparing the dataset if needed; returns its path."""
   from llm.data import sources
 
+  check_trainable(data_config)
   path = sources.tokenizer_path(data_config)
   if path.exists() and not overwrite:
     return path
@@ -320,6 +342,30 @@ def load_dir(directory):
   if manifest.get('kind') == 'sentencepiece':
     return SentencePieceTokenizer((path / manifest['file']).read_bytes())
   raise ValueError(f'{path / MANIFEST} names an unknown tokenizer kind {manifest.get("kind")!r}.')
+
+
+def fingerprint(tok) -> str:
+  """Which tokenizer `tok` is, by its content: the same model read from any path is the same.
+
+  'byte'; 'sentencepiece sha256:...' of the model; 'huggingface sha256:...' of
+  the tokenizer files that travel with it (`hf_tokenizer.FILES`), so a copy in
+  a workdir or export names the same tokenizer as the directory it came from.
+  """
+  if isinstance(tok, ByteTokenizer):
+    return 'byte'
+  if isinstance(tok, SentencePieceTokenizer):
+    return (
+      'sentencepiece sha256:' + hashlib.sha256(tok.__getstate__()['model_proto']).hexdigest()[:16]
+    )
+  from llm.data import hf_tokenizer
+
+  h = hashlib.sha256()
+  for name in hf_tokenizer.FILES:
+    path = epath.Path(tok.source_dir, name)
+    if path.exists():
+      h.update(f'{name}\0'.encode())
+      h.update(hashlib.sha256(path.read_bytes()).digest())
+  return 'huggingface sha256:' + h.hexdigest()[:16]
 
 
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:

@@ -3,12 +3,21 @@
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from llm import sharding
+from llm import cli, sharding
 from llm.generate.sampling import Sampling
 from llm.generate.text import generate_text, read_prompts
 from llm.io import models
+
+
+def _check_flags(FLAGS) -> None:
+  """Every flag's value, checked before the weights are read."""
+  if FLAGS['prompt'].present and not FLAGS.prompt:
+    raise ValueError("--prompt='' is empty; give the text to continue (or --prompts_file).")
+  if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
+    raise ValueError('Give exactly one of --prompt and --prompts_file.')
+  cli.check_positive('max_new_tokens', 'batch_size')
 
 
 def main(argv):
@@ -19,36 +28,32 @@ def main(argv):
   from absl import flags
 
   FLAGS = flags.FLAGS
-  if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
-    raise SystemExit('Give exactly one of --prompt and --prompts_file.')
-  try:
-    mesh = sharding.mesh_from_spec(FLAGS.mesh)
-    cfg, params, tok = models.load(FLAGS.workdir, mesh=mesh, tokenizer=FLAGS.tokenizer)
-    prompts = [FLAGS.prompt] if FLAGS.prompt else read_prompts(FLAGS.prompts_file)
-    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    single = len(prompts) == 1
+  _check_flags(FLAGS)
+  sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  prompts = [FLAGS.prompt] if FLAGS.prompt else read_prompts(FLAGS.prompts_file)
+  mesh = sharding.mesh_from_spec(FLAGS.mesh)
+  cfg, params, tok = models.load(FLAGS.workdir, mesh=mesh, tokenizer=FLAGS.tokenizer)
+  single = len(prompts) == 1
 
-    def on_text(i, piece):
-      sys.stdout.write(piece)
-      sys.stdout.flush()
+  def on_text(i, piece):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
 
-    if single:
-      sys.stdout.write(prompts[0])
-    gens = generate_text(
-      cfg,
-      params,
-      tok,
-      prompts,
-      max_new_tokens=FLAGS.max_new_tokens,
-      sampling=sampling,
-      seed=FLAGS.seed,
-      stop=FLAGS.stop or (),
-      mesh=mesh,
-      batch_size=FLAGS.batch_size,
-      on_text=on_text if single else None,
-    )
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
+  if single:
+    sys.stdout.write(prompts[0])
+  gens = generate_text(
+    cfg,
+    params,
+    tok,
+    prompts,
+    max_new_tokens=FLAGS.max_new_tokens,
+    sampling=sampling,
+    seed=FLAGS.seed,
+    stop=FLAGS.stop or (),
+    mesh=mesh,
+    batch_size=FLAGS.batch_size,
+    on_text=on_text if single else None,
+  )
   if single:
     sys.stdout.write(f'\n[{gens[0].finish_reason}, {len(gens[0].tokens)} tokens]\n')
   else:
@@ -78,4 +83,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('tokenizer', '', "'byte', a .model file or a Hugging Face tokenizer dir.")
   flags.DEFINE_string('mesh', '', "Mesh sizes, e.g. 'tensor=4' or 'data=2,tensor=4'.")
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

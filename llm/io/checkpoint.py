@@ -2,9 +2,11 @@
 
 Layout of a workdir (local or gs://):
 
-  DIR/checkpoints/<step>/state    params, opt_state, step (sharded arrays)
-  DIR/checkpoints/<step>/data     the input iterator's state (JSON)
-  DIR/checkpoints/<step>/config   the resolved experiment config (JSON)
+  DIR/checkpoints/<step>/state      params, opt_state, step (sharded arrays)
+  DIR/checkpoints/<step>/data       the input iterator's state (JSON)
+  DIR/checkpoints/<step>/config     the resolved experiment config (JSON)
+  DIR/checkpoints/<step>/checksums  two uint32 sums per array, its shape and dtype (JSON)
+  DIR/checkpoints-set-aside/<step>  steps moved away to resume from an older one
 
 and of a params-only export (for generation, evaluation and conversion):
 
@@ -20,10 +22,20 @@ written by a background thread while training continues. Orbax writes each
 step into a temporary directory and renames it when complete (on GCS a commit
 marker plays that role), so a crash mid-save leaves nothing that looks
 complete and resume falls back to the previous step.
+
+What such a step holds is checked too: every save records checksums of the
+arrays, computed on the devices from the arrays as they are in memory, and
+every restore recomputes them from what it read. A checkpoint that changed on
+disk, or that orbax cannot read, stops the run with one sentence naming the
+step and the previous complete one; nothing ever falls back to an older step
+silently. Resuming from an older step is a request (`set_aside_after`).
 """
 
 import dataclasses
+import functools
+import gc
 import json
+import logging
 import os
 
 import jax
@@ -31,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llm.data import tokenizer as tokenizer_lib
 from llm.model import ModelConfig
@@ -98,6 +111,7 @@ class Checkpointer:
         'state': ocp.PyTreeCheckpointHandler(),
         'data': ocp.JsonCheckpointHandler(),
         'config': ocp.JsonCheckpointHandler(),
+        CHECKSUMS: ocp.JsonCheckpointHandler(),
       },
     )
 
@@ -105,14 +119,24 @@ class Checkpointer:
     """The newest complete checkpoint's step (temporary, unfinished saves are ignored)."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The complete checkpoints' steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state, data_state, config) -> None:
-    """Starts an asynchronous save; returns once the arrays are off the devices."""
+    """Starts an asynchronous save; returns once the arrays are off the devices.
+
+    The checksums are taken here, from the arrays in device memory, so that
+    anything that goes wrong after this point (the copy, the write, the disk)
+    shows on restore.
+    """
     self._manager.save(
       step,
       args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave({'iterators': all_host_states(data_state)}),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        **{CHECKSUMS: ocp.args.JsonSave({'algorithm': ALGORITHM, 'arrays': checksums(state)})},
       ),
       force=True,
     )
@@ -129,7 +153,9 @@ class Checkpointer:
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
       ),
       data=ocp.args.JsonRestore(),
+      **self._checksums_item(step),
     )
+    self._verify(step, out['state'], out.get(CHECKSUMS))
     states = out['data']['iterators']
     if len(states) != jax.process_count():
       raise ValueError(
@@ -149,24 +175,222 @@ class Checkpointer:
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True,
       ),
+      **self._checksums_item(step),
     )
+    self._verify(step, out['state'], out.get(CHECKSUMS))
     return out['state']['params']
+
+  def _checksums_item(self, step: int) -> dict:
+    """Checkpoints written before checksums existed have none to read."""
+    if (self.directory / str(step) / CHECKSUMS).exists():
+      return {CHECKSUMS: ocp.args.JsonRestore()}
+    return {}
+
+  def _verify(self, step: int, restored, saved: dict | None) -> None:
+    """Stops unless every restored array has the checksum it was saved with.
+
+    Only arrays restored in their saved dtype are compared: a cast (a target
+    in another dtype) changes the bits, not the checkpoint.
+    """
+    path = self.directory / str(step)
+    if saved is None or saved.get('algorithm') != ALGORITHM:
+      if jax.process_index() == 0:
+        print(f'{path} holds no checksums we know; restored without verifying it.', flush=True)
+      return
+    expected = saved['arrays']
+    bad = [
+      key
+      for key, got in checksums(restored).items()
+      if key in expected
+      and expected[key]['dtype'] == got['dtype']
+      and expected[key]['checksum'] != got['checksum']
+    ]
+    if bad:
+      more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+      raise ValueError(
+        f'The checkpoint {path} does not match the checksums it was saved with in '
+        f'{", ".join(bad[:3])}{more}, so its files changed after it was written; '
+        f'{self._advice(step)}'
+      )
 
   def _restore_items(self, step: int, **items):
     path = self.directory / str(step)
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    except Exception as e:  # Orbax and TensorStore raise all kinds, bare Exception included.
+      # Orbax's other reads of the step fail too, in asyncio tasks nobody awaits any
+      # more; asyncio would log each with its traceback when collected. This one
+      # sentence says it all.
+      logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+      gc.collect()
       raise ValueError(
-        f'The checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); '
-        'delete it to resume from the previous one.'
+        f'The checkpoint {path} is corrupt or incomplete ({_first_line(e)}); {self._advice(step)}'
       ) from e
+
+  def _advice(self, step: int) -> str:
+    """What to do about a bad `step`: resume from the complete step before it, if any."""
+    older = [s for s in self.all_steps() if s < step]
+    if older:
+      return (
+        f'set --config.resume_step={older[-1]} to resume from the previous complete '
+        'checkpoint, or move it away.'
+      )
+    return 'no earlier complete checkpoint exists, so start a new workdir, or move it away.'
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  """The type and first line of the innermost cause: orbax wraps TensorStore's errors in
+  vaguer ones, and TensorStore's messages run over many lines."""
+  for _ in range(10):
+    cause = error.__cause__ or error.__context__
+    if cause is None:
+      break
+    error = cause
+  lines = str(error).strip().splitlines()
+  text = lines[0].strip() if lines else ''
+  if len(text) > limit:
+    text = text[: limit - 3] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def set_aside_after(workdir: str, step: int) -> list[int]:
+  """Moves every checkpoint newer than `step` (complete or not) to
+  DIR/checkpoints-set-aside/, so that a run resumes from `step`; returns their steps.
+
+  Nothing is deleted: a checkpoint that failed to restore stays there to be
+  looked at, and one moved away by mistake can be moved back. Call this before
+  any Checkpointer opens `workdir`: a Checkpointer lists the steps when it is
+  created and would not see them go. Stops, moving nothing, unless `step` is a
+  complete checkpoint. Every host calls it; process 0 moves.
+  """
+  root = _absolute(workdir)
+  source, aside = root / 'checkpoints', root / 'checkpoints-set-aside'
+  complete = sorted(ocp.utils.checkpoint_steps(source))
+  if step not in complete:
+    raise ValueError(
+      f'{source} holds no complete checkpoint at step {step}; its complete steps are '
+      f'{complete or "none"}.'
+    )
+  names = [p.name for p in source.iterdir() if (_step_of(p.name) or 0) > step]
+  _barrier('set_aside_after listed')  # Every host lists before anything moves.
+  if names and jax.process_index() == 0:
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in sorted(names):
+      target, n = aside / name, 0
+      while target.exists():
+        n += 1
+        target = aside / f'{name}-{n}'
+      (source / name).rename(target)
+  _barrier('set_aside_after moved')
+  return sorted({_step_of(name) for name in names})
+
+
+def _step_of(name: str) -> int | None:
+  """The step of a step directory's name: '600', or a save in progress, '600.orbax-...'."""
+  head = name.split('.')[0]
+  return int(head) if head.isdigit() else None
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------
+# Checksums.
+
+CHECKSUMS = 'checksums'  # The orbax item holding them.
+ALGORITHM = 'uint32-weighted-sums-1'
+
+
+def checksums(tree) -> dict[str, dict]:
+  """Two 32-bit checksums of every array in `tree`, with its shape and dtype, by '/'-joined key.
+
+  Computed on the devices, in one program, and the same whatever mesh or
+  sharding the arrays have: each is a wrap-around uint32 sum, which adds up
+  the same in any order, so per-shard partial sums give the unsharded result.
+  Each array is read once, in place (`_leaf_checksum`).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves:
+    return {}
+  arrays = [x for _, x in leaves]
+  sums = np.asarray(jax.device_get(_checksum_fn(_replicated(arrays[0]))(arrays)))
+  return {
+    jax.tree_util.keystr(path, simple=True, separator='/'): {
+      'checksum': [int(a), int(b)],
+      'shape': list(np.shape(x)),
+      'dtype': str(x.dtype),
+    }
+    for (path, x), (a, b) in zip(leaves, sums, strict=True)
+  }
+
+
+def _replicated(x):
+  """The sums' sharding: on every device of the arrays' mesh, so every host can read them."""
+  s = getattr(x, 'sharding', None)
+  return NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_fn(out_sharding):
+  """fn(arrays) -> their checksums as rows of one [n, 2] array (one transfer)."""
+  return jax.jit(lambda xs: jnp.stack([_leaf_checksum(x) for x in xs]), out_shardings=out_sharding)
+
+
+def _leaf_checksum(x):
+  """[sum(bits * odd(i)), sum((bits ^ mix(i)) * odd'(i))] over the flat index i.
+
+  An odd weight times any single-bit change is non-zero modulo 2**32, so any
+  one flipped bit changes the first sum; the weights depend on the position,
+  so moved or swapped elements change them too. Both sums are one variadic
+  reduce: XLA fuses the arithmetic into it and reads each element once, where
+  two `jnp.sum`s on XLA:CPU materialise both terms (twice the array) and run
+  about 40 times slower.
+  """
+  bits = _bits(x)
+  i = _flat_index(bits.shape)
+  h = _mix(i)
+  terms = (bits * (i * jnp.uint32(2) + jnp.uint32(1)), (bits ^ h) * (h | jnp.uint32(1)))
+  zero = jnp.uint32(0)
+  add = lambda p, q: (p[0] + q[0], p[1] + q[1])
+  return jnp.stack(jax.lax.reduce(terms, (zero, zero), add, tuple(range(bits.ndim))))
+
+
+def _bits(x):
+  """The array's bits as uint32: one element per element of 1-4 bytes, two per 8 bytes."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * size}')).astype(jnp.uint32)
+
+
+def _flat_index(shape):
+  """Each element's row-major index modulo 2**32, from one iota per dimension: reshaping
+  a sharded array to 1-D would move it between devices."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
+    stride *= shape[d]
+  return index
+
+
+def _mix(i):
+  """A cheap 32-bit integer hash (lowbias32), so that the second sum's weights look random."""
+  i = (i ^ (i >> 16)) * jnp.uint32(0x7FEB352D)
+  i = (i ^ (i >> 15)) * jnp.uint32(0x846CA68B)
+  return i ^ (i >> 16)
 
 
 def check_compatible(saved_model: dict, model_cfg: ModelConfig, path) -> None:

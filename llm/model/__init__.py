@@ -22,7 +22,9 @@ Presets with published shapes are in `experiments/presets.py`.
 Modules: `transformer` (the model, its KV cache, parameter layouts), `layers`
 (norms, RoPE, attention and MLP blocks), `attention` (masks and the reference
 computation), `kernels` (backend-specific implementations, chosen from the
-mesh's platform). `ModelConfig` lives in `llm/config.py`, the floor below.
+mesh's platform), `flash` and `splash` (memory-efficient attention: blockwise in
+plain JAX, and the Pallas TPU kernel). `ModelConfig` lives in `llm/config.py`,
+the floor below.
 """
 
 from llm.config import ModelConfig

@@ -20,10 +20,19 @@ What differs by platform:
              keeps all three matmuls bfloat16 x bfloat16 -> float32. TPUs and GPUs
              accumulate in float32 anyway and take the plain einsum, which remat
              policies see as the dot they save.
-  attention  On CPU the softmax gradient is hand-written in the flash-attention
-             form (`_cpu_attention_bwd`). Elsewhere autodiff differentiates the
-             reference, so remat policies can save the score matmul; 'cudnn' is
-             jax's fused kernel on NVIDIA GPUs.
+  attention  `model.attention_impl` picks the kernel, 'auto' by platform and
+             sequence length (`attention_choice`): 'splash' (the Pallas TPU
+             kernel, llm/model/splash.py) on TPUs, 'cudnn' (jax's fused kernel)
+             on NVIDIA GPUs, on CPUs 'xla' for rows of one 256-position block
+             and 'blockwise' (flash attention in plain JAX, llm/model/flash.py)
+             from two blocks on, where it was faster as well as smaller
+             (bench/RESULTS.md). The fused kernels keep O(T) per head for the
+             backward pass instead of the [B, N, T, S] float32 weights. 'xla' is
+             the reference; on CPU with the softmax gradient hand-written in the
+             flash-attention form (`_cpu_attention_bwd`), elsewhere autodiff, so
+             remat policies can save the score matmul. Decoding with a KV cache
+             always runs 'xla' (`cache_attention_kernel`). A choice the platform
+             cannot run is an error, never a fallback.
 
 Each custom gradient is checked against autodiff of the reference in
 tests/kernels_test.py.
@@ -36,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import ModelConfig
-from llm.model import attention
+from llm.model import attention, flash, splash
 
 # Device platforms as jax names them, folded onto ModelConfig.platform's values.
 _PLATFORMS = {'cpu': 'cpu', 'tpu': 'tpu', 'gpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu'}
@@ -58,11 +67,7 @@ def resolve(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> ModelConfig:
       f"model.platform={cfg.platform!r} does not match the mesh's devices ({platform}); "
       f"set model.platform='auto' or {platform!r}."
     )
-  if cfg.attention_impl == 'cudnn' and platform != 'gpu':
-    raise ValueError(
-      f"model.attention_impl='cudnn' needs NVIDIA GPUs, but the mesh's devices are {platform}; "
-      "set model.attention_impl='xla'."
-    )
+  _check_runnable(cfg.attention_impl, platform, "the mesh's devices are")
   return dataclasses.replace(cfg, platform=platform)
 
 
@@ -117,21 +122,112 @@ _cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precisi
 # ----------------------------------------------------------------------------
 # Attention.
 
+# 'auto' on a CPU: the xla kernel below this many positions, blockwise from it
+# on. One training step of bench/attention.py's 2-layer d_model 256 model on a
+# 2-core x86-64 CPU (bench/RESULTS.md): up to 256 positions, one block of
+# flash.DEFAULT_BLOCK, both do the same work and blockwise took 0.91-1.18x the
+# xla kernel's time; from 512 (two blocks, one skipped by the causal mask) it
+# took 0.73-0.83x, at 1k 0.69-0.74x and at 4k 0.30-0.47x, float32 and bfloat16.
+CPU_BLOCKWISE_MIN_SEQ_LEN = 512
 
-def attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
-  """Grouped-query attention [B, T, N, H] by `cfg.attention_impl` and `cfg.platform`."""
-  if cfg.attention_impl == 'cudnn':
-    return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, implementation='cudnn'
+
+def attention_choice(cfg: ModelConfig, seq_len: int) -> str:
+  """The kernel self-attention over `seq_len` positions runs: `cfg.attention_impl`, or for 'auto':
+
+  tpu  'splash' when seq_len is a multiple of its 128-position tiles, else 'xla';
+  gpu  'cudnn' for 16-bit compute and a head dim cuDNN's flash kernel takes
+       (a multiple of 8, at most 128), else 'blockwise';
+  cpu  'xla' below CPU_BLOCKWISE_MIN_SEQ_LEN positions, 'blockwise' from there;
+  unresolved platform: 'xla', the portable reference.
+  """
+  if cfg.attention_impl != 'auto':
+    return cfg.attention_impl
+  if cfg.platform == 'tpu':
+    return 'splash' if seq_len % splash.LANES == 0 else 'xla'
+  if cfg.platform == 'gpu':
+    head_dim_fits = cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+    return 'cudnn' if cfg.dtype != 'float32' and head_dim_fits else 'blockwise'
+  if cfg.platform == 'cpu':
+    return 'blockwise' if seq_len >= CPU_BLOCKWISE_MIN_SEQ_LEN else 'xla'
+  return 'xla'
+
+
+def _check_runnable(impl: str, platform: str, what: str) -> None:
+  """Stops on a kernel the platform has no way to run: never a silent fallback."""
+  needs = {'splash': ('tpu', 'TPUs'), 'cudnn': ('gpu', 'NVIDIA GPUs')}
+  if impl in needs and platform != needs[impl][0]:
+    raise ValueError(
+      f'model.attention_impl={impl!r} needs {needs[impl][1]}, but {what} {platform!r}; '
+      "set model.attention_impl='auto', 'blockwise' or 'xla'."
     )
+
+
+def attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT):
+  """Self-attention [B, T, N, H] of T positions over themselves (no KV cache).
+
+  The mask is `attention.make_mask`'s, from positions and segment ids (None:
+  one document); only the xla kernel materialises it. A padding query
+  (segment id 0) attends to nothing: its output is zero whatever the kernel.
+  'splash' and 'cudnn' apply causality by array index, which is causality by
+  position when positions count up within each document, as packed rows and
+  `Transformer`'s default positions do.
+  """
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  if cfg.platform == 'cpu':
-    out_BTKGH = _cpu_attention(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+  impl = attention_choice(cfg, T)
+  _check_runnable(impl, cfg.platform, 'model.platform is')
+  if impl == 'cudnn':
+    out_BTNH = _cudnn_attention(cfg, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   else:
-    out_BTKGH = attention.reference(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
-  return out_BTKGH.reshape(B, T, N, H)
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    if impl == 'blockwise':
+      args = (q_BTKGH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT)
+      return flash.attention(*args, causal=cfg.causal).reshape(B, T, N, H)  # Padding is 0.
+    if impl == 'splash':
+      out_BTKGH = splash.attention(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, causal=cfg.causal)
+    else:
+      mask_B1TS = attention.make_mask(
+        positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, causal=cfg.causal
+      )
+      out_BTKGH = _xla_attention(cfg, q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+  if segment_ids_BT is None:
+    return out_BTNH
+  return jnp.where(segment_ids_BT[:, :, None, None] != 0, out_BTNH, 0).astype(out_BTNH.dtype)
+
+
+def cache_attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+  """Attention through an explicit mask [B, 1, T, S] (decoding over a KV cache): always xla.
+
+  T new queries attend to a cache of S slots, a shape the blockwise kernels
+  gain nothing on, and whose mask already exists (`Transformer`'s cache step).
+  """
+  B, T, N, H = q_BTNH.shape
+  q_BTKGH = q_BTNH.reshape(B, T, k_BSKH.shape[2], N // k_BSKH.shape[2], H)
+  return _xla_attention(cfg, q_BTKGH, k_BSKH, v_BSKH, mask_B1TS).reshape(B, T, N, H)
+
+
+def _xla_attention(cfg: ModelConfig, q_BTKGH, k_BSKH, v_BSKH, mask_B1TS):
+  """The reference [B, T, K, G, H]; on CPU with its hand-written gradient."""
+  if cfg.platform == 'cpu':
+    return _cpu_attention(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+  return attention.reference(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
+
+
+def _cudnn_attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+  """jax's cuDNN flash attention; causality by index, documents through a boolean mask.
+
+  cuDNN's public entry takes no segment ids, so packed documents cost a
+  [B, 1, T, S] boolean mask (T x S bytes per row, turned into a bias), not the
+  reference's float32 weights per head. Padding attends to padding there, so
+  that no row is empty; the caller zeroes it.
+  """
+  mask_B1TS = None
+  if segment_ids_BT is not None:
+    mask_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(
+    q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=cfg.causal, implementation='cudnn'
+  )
 
 
 @jax.custom_vjp

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from llm import config as config_lib
 from llm.config import ModelConfig
-from llm.model import attention as attention_lib
 from llm.model import kernels
 
 Array = jax.Array
@@ -176,15 +175,13 @@ class Attention(nn.Module):
     v_BTKH = constrain(v_BTKH, ('act_batch', 'act_length', 'act_kv_heads', None))
 
     if cache is None:
-      k_BSKH, v_BSKH = k_BTKH, v_BTKH
-      mask = attention_lib.make_mask(
-        positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, causal=cfg.causal
-      )
+      out_BTNH = kernels.attention_kernel(cfg, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
     else:
       k_BSKH = _write_cache(cache['k'], k_BTKH, cache_step['index'])
       v_BSKH = _write_cache(cache['v'], v_BTKH, cache_step['index'])
-      mask = cache_step['mask_B1TS']
-    out_BTNH = kernels.attention_kernel(cfg, q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask)
+      out_BTNH = kernels.cache_attention_kernel(
+        cfg, q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), cache_step['mask_B1TS']
+      )
     out_BTD = matmul(cfg, 'BTNH,NHD->BTD', out_BTNH, w_o_NHD)
     if cfg.use_bias:
       out_BTD += _param(self, 'o_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
@@ -280,14 +277,25 @@ class Block(nn.Module):
     return constrain(x_BTD, BTD), cache
 
 
+# What the fused attention kernels save for their backward pass, by checkpoint
+# name: the output and log-sum-exp, O(T) per head (llm/model/flash.py names
+# both, splash its log-sum-exp). Saved, they spare the backward pass a second
+# run of the forward kernel; the kernels recompute their blocks either way.
+_policies = jax.checkpoint_policies
+_ATTENTION_RESIDUALS = _policies.save_only_these_names('attention_out', 'attention_lse')
+
 REMAT_POLICIES = {
-  # Save nothing: recompute the whole block in the backward pass. Least memory.
+  # Save nothing: recompute the whole block, attention's forward kernel
+  # included, in the backward pass. Least memory.
   'full': None,
-  # Save every matmul output; recompute only elementwise ops. Most memory of the remat options.
-  'dots_saveable': jax.checkpoint_policies.dots_saveable,
-  # Save weight matmul outputs (no batch dims in the contraction) but recompute
-  # attention scores, whose size grows with T^2.
-  'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Save every matmul output (with the xla kernel the T^2 attention scores too)
+  # and the kernels' residuals; recompute only elementwise ops. Most memory.
+  'dots_saveable': _policies.save_from_both_policies(_policies.dots_saveable, _ATTENTION_RESIDUALS),
+  # Save weight matmul outputs (no batch dims in the contraction) and the
+  # kernels' O(T) residuals, but recompute attention scores, whose size grows with T^2.
+  'minimal': _policies.save_from_both_policies(
+    _policies.dots_with_no_batch_dims_saveable, _ATTENTION_RESIDUALS
+  ),
 }
 
 

@@ -14,6 +14,7 @@ ml_collections read the flags (a misspelt `--config.KEY`, a config file that
 is missing or fails to load) are cut down here to their last line.
 """
 
+import os
 import re
 import sys
 
@@ -36,7 +37,11 @@ def fail(message: str, status: int = 1):
   spec = getattr(sys.modules.get('__main__'), '__spec__', None)
   program = spec.name.removesuffix('.__main__') if spec else 'llm'
   print(f'{program}: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
-  raise SystemExit(status)
+  sys.stdout.flush()
+  # Not SystemExit: background threads of a failed read (orbax, TensorStore) would
+  # print their own tracebacks at interpreter shutdown, burying the sentence. What
+  # must be saved is saved before the error reaches here (train's finally blocks).
+  os._exit(status)
 
 
 def check_positive(*names: str) -> None:

@@ -37,6 +37,7 @@ import gc
 import json
 import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,7 @@ class Checkpointer:
 
   def _restore_items(self, step: int, **items):
     path = self.directory / str(step)
+    _ignore_closed_loop_callbacks()
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax and TensorStore raise all kinds, bare Exception included.
@@ -242,6 +244,29 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _ignore_closed_loop_callbacks() -> None:
+  """Keeps TensorStore's late callbacks after a failed restore from printing tracebacks.
+
+  When one read of a step fails, orbax closes its event loop while TensorStore
+  still completes the other reads; each then calls the closed loop from a
+  native thread, which reports `RuntimeError: Event loop is closed` as an
+  unraisable error, traceback and all. The failure itself is reported, in one
+  sentence; every other unraisable error still reaches the usual hook.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, 'ignores_closed_loop', False):
+    return
+
+  def quiet(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and 'Event loop is closed' in str(value):
+      return
+    hook(unraisable)
+
+  quiet.ignores_closed_loop = True
+  sys.unraisablehook = quiet
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

@@ -220,9 +220,7 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax and TensorStore raise all kinds, bare Exception included.
-      # Orbax's other reads of the step fail too, in asyncio tasks nobody awaits any
-      # more; asyncio would log each with its traceback when collected. This one
-      # sentence says it all.
+      # The step's other reads fail too, in tasks nobody awaits: no tracebacks for them.
       logging.getLogger('asyncio').setLevel(logging.CRITICAL)
       gc.collect()
       raise ValueError(
@@ -247,14 +245,8 @@ class Checkpointer:
 
 
 def _ignore_closed_loop_callbacks() -> None:
-  """Keeps TensorStore's late callbacks after a failed restore from printing tracebacks.
-
-  When one read of a step fails, orbax closes its event loop while TensorStore
-  still completes the other reads; each then calls the closed loop from a
-  native thread, which reports `RuntimeError: Event loop is closed` as an
-  unraisable error, traceback and all. The failure itself is reported, in one
-  sentence; every other unraisable error still reaches the usual hook.
-  """
+  """Silences TensorStore's late calls into the event loop orbax closed after a failed
+  restore (unraisable `Event loop is closed` tracebacks): the failure is one sentence."""
   hook = sys.unraisablehook
   if getattr(hook, 'ignores_closed_loop', False):
     return

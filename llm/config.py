@@ -258,7 +258,16 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     )
   )
   c.mesh = ml_collections.ConfigDict(
-    dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    dict(
+      data=-1,
+      fsdp=1,
+      sequence=1,  # Context parallelism: the length of activations split.
+      tensor=1,
+      dcn_data=1,
+      dcn_fsdp=1,
+      dcn_sequence=1,
+      dcn_tensor=1,
+    )
   )
   c.data = data_config()
   return c

@@ -14,6 +14,11 @@ model (the batch layouts are in docs/architecture.md):
 Everything returns sums, not means, so microbatches, batches and hosts add up
 exactly; means are taken once, over all of them (`summarize`).
 
+Sequences longer than `CHUNK` never hold their [B, T, V] float32 logits: the
+model hands over its final hidden states and the loss projects them chunk by
+chunk (`chunked_token_nll`), with the same numbers. For Llama-3-8B at 8k
+positions that is 3.9 GiB of logits per sequence, and their gradient.
+
 Evaluation sums, beyond the NLL and the number of loss tokens: `correct`
 (argmax equals the target; reported as accuracy for masked LM), `bytes` (the
 UTF-8 bytes the targets stand for, from a per-id table, for bits per byte),
@@ -32,11 +37,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import sharding
-from llm.model import ModelConfig, Transformer, param_shardings
+from llm.model import ModelConfig, Transformer, layers, param_shardings
+from llm.model.transformer import Head, unembed
+
+# Positions per chunk of the cross-entropy (`chunked_token_nll`), which runs
+# when T exceeds it. Llama-3-8B on v5e:4x4 by AOT compile (bench/RESULTS.md's
+# command, fsdp=16, B=1 per chip), peak GiB per chip at T = 2k / 4k / 8k:
+# whole logits 10.97 / 12.85 / 16.49; chunks of 512: 12.06 / 13.21 / 15.52;
+# 1024: 10.34 / 12.07 / 15.84; 2048: 10.97 (whole) / 11.79 / 15.13; 4096 at
+# 8k: 15.25. Smaller chunks are not smaller plans (XLA's packing of the
+# remaining buffers decides), and a longer matmul keeps the MXU busier.
+CHUNK = 2048
 
 
-def forward(params, batch: dict, cfg: ModelConfig) -> jax.Array:
-  """The model's logits for a batch of any objective ([B, 1, C] for a classifier)."""
+def forward(params, batch: dict, cfg: ModelConfig, *, hidden: bool = False):
+  """The model's logits for a batch of any objective ([B, 1, C] for a classifier).
+
+  hidden=True: (final hidden states, `Head`) instead, for `chunked_token_nll`.
+  """
   return Transformer(cfg).apply(
     {'params': params},
     batch['inputs'],
@@ -44,6 +62,7 @@ def forward(params, batch: dict, cfg: ModelConfig) -> jax.Array:
     batch['segment_ids'],
     logits_index_B=batch.get('logits_index'),
     token_types_BT=batch.get('token_types'),
+    hidden=hidden,
   )
 
 
@@ -55,33 +74,88 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
   return log_z_BT - target_logit_BT, log_z_BT
 
 
-def train_sums(params, batch: dict, cfg: ModelConfig, z_loss: float = 0.0):
+def chunked_token_nll(
+  cfg: ModelConfig, x_BTD: jax.Array, head: Head, targets_BT: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_nll` and the argmax of `unembed(x_BTD)`, `chunk` positions at a time.
+
+  The float32 logits of a chunk exist only inside one step of a `lax.scan`,
+  and `jax.checkpoint` has the backward pass recompute them instead of keeping
+  them, so memory is O(B x chunk x V), not [B, T, V] and its gradient. The
+  positions are cut into n = ceil(T / chunk) chunks of t = ceil(T / n), padded
+  at the end (padded positions are cut off before anything is summed, so they
+  send no gradient). Chunk k holds positions k, k + n, k + 2n, ...: strided,
+  so that a length split over devices (contiguous blocks of T) splits every
+  chunk the same way, and no device waits for another's chunk. Where the
+  argmax is unused (training), jit's dead-code elimination drops it.
+  """
+  B, T, _ = x_BTD.shape
+  n = -(-T // chunk)
+  t = -(-T // n)
+
+  def split(a_BT):  # [B, T, ...] -> [n, B, t, ...]: a_nBt[k, :, i] = a_BT[:, i * n + k].
+    a_BT = jnp.pad(a_BT, [(0, 0), (0, n * t - T)] + [(0, 0)] * (a_BT.ndim - 2))
+    return jnp.moveaxis(a_BT.reshape(B, t, n, *a_BT.shape[2:]), 2, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # In a scan: no CSE to prevent.
+  def one_chunk(head, x_BtD, targets_Bt):
+    logits_BtV = unembed(cfg, layers.constrain(x_BtD, layers.BTD), head)
+    nll_Bt, log_z_Bt = token_nll(logits_BtV, targets_Bt)
+    return nll_Bt, log_z_Bt, jnp.argmax(logits_BtV, axis=-1).astype(jnp.int32)
+
+  def step(_, xs):
+    return None, one_chunk(head, *xs)
+
+  _, out_nBt = jax.lax.scan(step, None, (split(x_BTD), split(targets_BT)))
+  return tuple(jnp.moveaxis(a_nBt, 0, 2).reshape(B, n * t)[:, :T] for a_nBt in out_nBt)
+
+
+def token_losses(
+  params, batch: dict, cfg: ModelConfig, chunk: int = CHUNK
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(NLL, log Z, argmax) per target position; over chunks of positions when T > chunk.
+
+  A classifier's [B, 1, C] logits are small and always taken whole.
+  """
+  T = batch['targets'].shape[1]
+  if cfg.head == 'classifier' or chunk >= T:
+    logits_BTV = forward(params, batch, cfg)
+    nll_BT, log_z_BT = token_nll(logits_BTV, batch['targets'])
+    return nll_BT, log_z_BT, jnp.argmax(logits_BTV, axis=-1)
+  x_BTD, head = forward(params, batch, cfg, hidden=True)
+  return chunked_token_nll(cfg, x_BTD, head, batch['targets'], chunk)
+
+
+def train_sums(params, batch: dict, cfg: ModelConfig, z_loss: float = 0.0, chunk: int = CHUNK):
   """(objective, (sum of NLL, loss tokens)) for `jax.value_and_grad(..., has_aux=True)`.
 
   The objective adds the z-loss (PaLM), which pushes log Z toward 0 and keeps
   bf16 logits stable; the NLL sum is what the loss metric reports.
   """
-  nll_BT, log_z_BT = token_nll(forward(params, batch, cfg), batch['targets'])
+  batch = sharding.balance_length(batch)  # Context parallelism's order; sums are unchanged.
+  nll_BT, log_z_BT, _ = token_losses(params, batch, cfg, chunk)
   mask_BT = batch['loss_mask']
   nll = jnp.sum(nll_BT * mask_BT)
   z = z_loss * jnp.sum(jnp.square(log_z_BT) * mask_BT)
   return nll + z, (nll, jnp.sum(mask_BT))
 
 
-def eval_sums(params, batch: dict, bytes_V: jax.Array, *, cfg: ModelConfig) -> dict:
+def eval_sums(
+  params, batch: dict, bytes_V: jax.Array, *, cfg: ModelConfig, chunk: int = CHUNK
+) -> dict:
   """The evaluation sums of one batch (see the module docstring)."""
-  logits_BTV = forward(params, batch, cfg)
+  batch = sharding.balance_length(batch)
+  nll_BT, _, predicted_BT = token_losses(params, batch, cfg, chunk)
   mask_BT = batch['loss_mask'].astype(jnp.float32)
   targets_BT = batch['targets']
-  nll_BT, _ = token_nll(logits_BTV, targets_BT)
   out = {'nll_sum': jnp.sum(nll_BT * mask_BT), 'tokens': jnp.sum(mask_BT)}
   if cfg.head == 'classifier':
     true_BC = jax.nn.one_hot(targets_BT[:, 0], cfg.num_labels) * mask_BT[:, :1]
-    predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BTV[:, 0], axis=-1), cfg.num_labels)
+    predicted_BC = jax.nn.one_hot(predicted_BT[:, 0], cfg.num_labels)
     out['confusion'] = jnp.einsum('BC,BK->CK', true_BC, predicted_BC)
     return out
   out['bytes'] = jnp.sum(bytes_V[targets_BT] * mask_BT)
-  out['correct'] = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * mask_BT)
+  out['correct'] = jnp.sum((predicted_BT == targets_BT) * mask_BT)
   return out
 
 

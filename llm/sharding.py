@@ -6,18 +6,31 @@ logical axes: parameters (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
 `act_embed`, `act_heads`, `act_kv_heads`, `act_mlp`, `act_vocab`).
 
 Mesh axes:
-  data    pure data parallelism: parameters replicated, batch split.
-  fsdp    data parallelism whose parameters and optimizer state are split too
-          (ZeRO-3): the batch is split over data x fsdp, weights over fsdp and
-          gathered per layer inside the step.
-  tensor  Megatron-style tensor parallelism: heads, MLP hidden and vocab split.
+  data      pure data parallelism: parameters replicated, batch split.
+  fsdp      data parallelism whose parameters and optimizer state are split too
+            (ZeRO-3): the batch is split over data x fsdp, weights over fsdp and
+            gathered per layer inside the step.
+  sequence  context parallelism: the length of every activation is split, and
+            attention gathers the keys and values of the whole row
+            (`context_parallel`). Weights are split over it as over fsdp, since
+            its chips hold different tokens of the same rows. Causal rows are
+            reordered first (`balance_length`) so that every chip has as much of
+            the causal triangle as the others.
+  tensor    Megatron-style tensor parallelism: heads, MLP hidden and vocab
+            split. Between attention and the MLP (norms, residual adds) the
+            activations are split on length over it instead of replicated
+            (Megatron's sequence parallelism, `act_res_length`), so the
+            all-reduce after each block becomes a reduce-scatter and an
+            all-gather of the same volume, and each chip keeps 1/tensor of the
+            residual stream.
 
 Each axis has an ICI size (within a slice) and a DCN size (across slices); the
 mesh axis is their product. Put `data` on DCN: it only all-reduces gradients
-once per step, while fsdp and tensor communicate every layer.
+once per step, while fsdp, sequence and tensor communicate every layer.
 """
 
 import contextlib
+import functools
 import math
 
 import flax.linen as nn
@@ -27,20 +40,22 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+SEQUENCE_AXIS = 'sequence'
 
 RULES = (
   # Activations.
   ('act_batch', BATCH_AXES),
-  ('act_length', None),
+  ('act_length', SEQUENCE_AXIS),
+  ('act_res_length', (SEQUENCE_AXIS, 'tensor')),  # The residual stream's length.
   ('act_embed', None),
   ('act_heads', 'tensor'),
   ('act_kv_heads', 'tensor'),
   ('act_mlp', 'tensor'),
   ('act_vocab', 'tensor'),
   # Parameters.
-  ('embed', 'fsdp'),
+  ('embed', ('fsdp', SEQUENCE_AXIS)),
   ('vocab', 'tensor'),
   ('heads', 'tensor'),
   ('kv_heads', 'tensor'),
@@ -88,12 +103,16 @@ def _fmt(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A mesh over `devices` (default: all) from `mesh_cfg.{data,fsdp,tensor}` and `dcn_*`."""
+  """A mesh over `devices` (default: all) from `mesh_cfg.{data,fsdp,sequence,tensor}`, `dcn_*`.
+
+  A missing axis has size 1.
+  """
   devices = list(jax.devices() if devices is None else devices)
   dcn = {a: int(mesh_cfg.get(f'dcn_{a}', 1)) for a in MESH_AXES}
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
   dcn = _resolve(dcn, num_slices, 'DCN')
-  ici = _resolve({a: int(mesh_cfg[a]) for a in MESH_AXES}, len(devices) // num_slices, 'ICI')
+  ici = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+  ici = _resolve(ici, len(devices) // num_slices, 'ICI')
   ici_shape, dcn_shape = list(ici.values()), list(dcn.values())
   if num_slices > 1:
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
@@ -110,7 +129,7 @@ def one_device_mesh() -> Mesh:
 
 
 def mesh_from_spec(spec: str = '') -> Mesh:
-  """A mesh from 'data=-1,fsdp=1,tensor=2' (a command-line flag); missing axes are 1.
+  """A mesh from 'data=-1,fsdp=1,sequence=1,tensor=2' (a command-line flag); missing axes are 1.
 
   An empty spec puts every device on `data`.
   """
@@ -185,9 +204,8 @@ def check_divisible(boxed_tree, mesh: Mesh) -> None:
     if not isinstance(leaf, nn.LogicallyPartitioned):
       continue
     for dim, name in zip(leaf.value.shape, leaf.names, strict=True):
-      axes = rules.get(name)
-      axes = (axes,) if isinstance(axes, str) else axes or ()
-      size = math.prod(mesh.shape[a] for a in axes)
+      axes = _axes(rules.get(name))
+      size = _size(mesh, axes)
       if dim % size:
         where = _AXIS_FIELDS.get(name, f'dimension {name!r} of {jax.tree_util.keystr(path)}')
         rank = list(_AXIS_FIELDS).index(name) if name in _AXIS_FIELDS else len(_AXIS_FIELDS)
@@ -229,50 +247,67 @@ def embedding_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
   XLA cannot partition a gather from a table split along D (fsdp); left to
   itself it replicates the table on every device, and its gradient too: 4 GiB
   for Llama-3-8B's 128k x 4k float32 table. Instead each device looks its
-  token ids up in its own [V / tensor, D / fsdp] block: the ids of the fsdp
-  group are all-gathered (int32, tiny), rows of other vocab shards are zero
-  and summed over `tensor` (Megatron's vocab-parallel embedding), and an
-  all-to-all over fsdp hands each device its own rows with all of D. The
+  token ids up in its own [V / tensor, D / (fsdp x sequence)] block: the ids
+  of the group that splits D are all-gathered (int32, tiny), rows of other
+  vocab shards are zero and summed over `tensor` (Megatron's vocab-parallel
+  embedding), and an all-to-all over the group hands each device the rows of
+  its own tokens with all of D. The
   gradient is a scatter-add into the local block. Without a mesh, or when the
   table is not split, or the batch does not divide evenly, it is a plain take.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return jnp.take(table_VD, tokens_BT, axis=0)
-  vocab_axis, embed_axis = nn.logical_to_mesh_axes(('vocab', 'embed'), RULES)
-  splits = {a: mesh.shape[a] for a in (vocab_axis, embed_axis) if a and mesh.shape[a] > 1}
-  rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  vocab_axes, embed_axes = (
+    tuple(a for a in _axes(axes) if mesh.shape[a] > 1)
+    for axes in nn.logical_to_mesh_axes(('vocab', 'embed'), RULES)
+  )
   V, D = table_VD.shape
   if (
-    not splits
-    or tokens_BT.shape[0] % rows
-    or V % mesh.shape[vocab_axis]
-    or D % mesh.shape[embed_axis]
+    not (vocab_axes or embed_axes)
+    or tokens_BT.shape[0] % batch_divisor(mesh)
+    or V % _size(mesh, vocab_axes)
+    or D % _size(mesh, embed_axes)
   ):
     return jnp.take(nn.with_logical_constraint(table_VD, ('vocab', None)), tokens_BT, axis=0)
 
   def lookup(table_vd, tokens_bt):
-    if embed_axis in splits:  # The ids of every device that holds a slice of the same rows.
-      tokens_bt = jax.lax.all_gather(tokens_bt, embed_axis, axis=0, tiled=True)
-    if vocab_axis in splits:
-      ids_bt = tokens_bt - jax.lax.axis_index(vocab_axis) * table_vd.shape[0]
+    if embed_axes:  # The ids of every device that holds a slice of the same rows.
+      tokens_bt = jax.lax.all_gather(tokens_bt, embed_axes, axis=0, tiled=True)
+    if vocab_axes:
+      ids_bt = tokens_bt - jax.lax.axis_index(vocab_axes) * table_vd.shape[0]
       mine_bt = (ids_bt >= 0) & (ids_bt < table_vd.shape[0])
       rows_btd = jnp.take(table_vd, jnp.where(mine_bt, ids_bt, 0), axis=0)
-      rows_btd = jax.lax.psum(jnp.where(mine_bt[..., None], rows_btd, 0), vocab_axis)
+      rows_btd = jax.lax.psum(jnp.where(mine_bt[..., None], rows_btd, 0), vocab_axes)
     else:
       rows_btd = jnp.take(table_vd, tokens_bt, axis=0)
-    if embed_axis in splits:  # [rows of the group, D / fsdp] -> [own rows, D].
-      rows_btd = jax.lax.all_to_all(rows_btd, embed_axis, 0, 2, tiled=True)
+    if embed_axes:  # [rows of the group, D / fsdp] -> [own rows, D].
+      rows_btd = jax.lax.all_to_all(rows_btd, embed_axes, 0, 2, tiled=True)
     return rows_btd
 
+  # Each device looks up its own tokens: the length split as the activations'
+  # are, or whole rows where the sequence axis does not divide it (decoding).
+  length = SEQUENCE_AXIS if tokens_BT.shape[1] % mesh.shape[SEQUENCE_AXIS] == 0 else None
   return jax.shard_map(
     lookup,
     in_specs=(
-      PartitionSpec(*(a if a in splits else None for a in (vocab_axis, embed_axis))),
-      PartitionSpec(BATCH_AXES),
+      PartitionSpec(vocab_axes or None, embed_axes or None),
+      PartitionSpec(BATCH_AXES, length),
     ),
-    out_specs=PartitionSpec(BATCH_AXES),
+    out_specs=PartitionSpec(BATCH_AXES, length),
+    # Whole rows are the same on every device of the sequence axis, which the
+    # gather over it hides from shard_map's check.
+    check_vma=length is not None or mesh.shape[SEQUENCE_AXIS] == 1,
   )(table_VD, tokens_BT)
+
+
+def _axes(axes) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, a mesh axis or a tuple of them) as a tuple."""
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _size(mesh, axes) -> int:
+  return math.prod(mesh.shape[a] for a in _axes(axes))
 
 
 def per_shard(fn, in_axes: tuple, out_axes: tuple[str | None, ...]):
@@ -287,19 +322,133 @@ def per_shard(fn, in_axes: tuple, out_axes: tuple[str | None, ...]):
 
   def run(*args):
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if _is_local(mesh):
       return fn(*args)
     specs = tuple(nn.logical_to_mesh_axes(axes, RULES) for axes in in_axes)
     for spec, x in zip(specs, args, strict=True):
       for dim, axes in zip(x.shape, spec, strict=False):
-        axes = (axes,) if isinstance(axes, str) else axes or ()
-        if dim % math.prod(mesh.shape[a] for a in axes):
+        if dim % _size(mesh, axes):
           return fn(*args)
     out_spec = nn.logical_to_mesh_axes(out_axes, RULES)
     # Pallas calls carry no varying-axes types, so shard_map cannot check them.
     return jax.shard_map(fn, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
 
   return run
+
+
+def _is_local(mesh) -> bool:
+  """No mesh, or inside a shard_map over all of it: arrays are this device's own."""
+  return mesh.empty or len(mesh.manual_axes) == len(mesh.axis_names)
+
+
+# ----------------------------------------------------------------------------
+# Context parallelism.
+
+
+def sequence_shards() -> int:
+  """How many ways activations are split on length here: the sequence axis (1: no mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if _is_local(mesh) else mesh.shape[SEQUENCE_AXIS]
+
+
+def check_length(seq_len: int, mesh: Mesh) -> None:
+  """Stops on a length that the sequence axis cannot split into its balanced chunks."""
+  shards = mesh.shape[SEQUENCE_AXIS]
+  if shards > 1 and seq_len % (2 * shards):
+    raise ValueError(
+      f'seq_len={seq_len} cannot be split over mesh.sequence={shards}: context parallelism '
+      f'cuts each row into 2 x {shards} = {2 * shards} chunks; make seq_len a multiple of '
+      f'{2 * shards} or change mesh.sequence.'
+    )
+
+
+def balance_order(seq_len: int, shards: int) -> np.ndarray:
+  """The positions in load-balanced order: chunk i, then chunk 2S-1-i, for shard i = 0..S-1.
+
+  Under a causal mask the first chunks of a row have little to attend to and
+  the last ones much; split in plain order, the chip holding the end of the
+  row would do most of the work while the others wait. Paired front with back,
+  every chip's queries see the same number of keys.
+  """
+  chunks = np.arange(seq_len).reshape(2 * shards, -1)
+  order = [c for i in range(shards) for c in (i, 2 * shards - 1 - i)]
+  return chunks[order].reshape(-1)
+
+
+def balance_length(batch: dict) -> dict:
+  """Every [B, T] array of `batch` in `balance_order` when the length is split; else `batch`.
+
+  Training and evaluation reorder inputs, targets, positions, segment ids and
+  masks alike, so a token's loss is unchanged and only the kernels that apply
+  causality by array index (splash) need to know; RoPE and the masks of the
+  other kernels read the true positions. A row of one position per example
+  (a classifier's) is left alone and its `logits_index` follows the reorder.
+  """
+  shards = sequence_shards()
+  T = batch['inputs'].shape[1]
+  if shards == 1:
+    return batch
+  order_T = balance_order(T, shards)
+
+  def reorder(x):
+    if x.ndim != 2 or x.shape[1] != T:
+      return x
+    return nn.with_logical_constraint(x[:, order_T], ('act_batch', 'act_length'))
+
+  out = {k: reorder(v) for k, v in batch.items()}
+  if 'logits_index' in batch:
+    out['logits_index'] = jnp.asarray(np.argsort(order_T), jnp.int32)[batch['logits_index']]
+  return out
+
+
+def context_parallel(fn, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT):
+  """Attention with the length split over the sequence axis: `fn` per device on its queries.
+
+  Each device keeps its queries and all-gathers the keys, values, positions
+  and segment ids of the whole row (MaxText's default strategy; the gradient
+  of the gather is a reduce-scatter). Rows and heads stay split as outside.
+  `fn(q_btnh, k_bskh, v_bskh, q_positions_bt, kv_positions_bs, q_segment_ids_bt,
+  kv_segment_ids_bs, shard)` gets this device's arrays, the gathered ones in
+  the order of `balance_order`, and `shard`, its index on the axis.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  # One name at a time: as one spec, a mesh axis named twice is dropped the second time.
+  rows, heads, kv_heads, length = (
+    nn.logical_to_mesh_axes((name,), RULES)[0]
+    for name in ('act_batch', 'act_heads', 'act_kv_heads', 'act_length')
+  )
+  checks = ((q_BTNH.shape[0], rows), (q_BTNH.shape[2], heads), (k_BTKH.shape[2], kv_heads))
+  for dim, axes in checks:
+    if dim % _size(mesh, axes):
+      raise ValueError(
+        f'Context parallelism needs batch rows and heads that the mesh divides: {dim} is '
+        f'not divisible by {_fmt({a: mesh.shape[a] for a in _axes(axes)})}.'
+      )
+
+  def local(q_btnh, k_btkh, v_btkh, positions_bt, segment_ids_bt):
+    gather = functools.partial(jax.lax.all_gather, axis_name=SEQUENCE_AXIS, axis=1, tiled=True)
+    shard = jax.lax.axis_index(SEQUENCE_AXIS)
+    return fn(
+      q_btnh,
+      gather(k_btkh),
+      gather(v_btkh),
+      positions_bt,
+      gather(positions_bt),
+      segment_ids_bt,
+      gather(segment_ids_bt),
+      shard,
+    )
+
+  q_spec = PartitionSpec(rows, length, heads, None)
+  kv_spec = PartitionSpec(rows, length, kv_heads, None)
+  row_spec = PartitionSpec(rows, length)
+  # Pallas calls carry no varying-axes types, so shard_map cannot check them.
+  return jax.shard_map(
+    local,
+    in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
 
 
 @contextlib.contextmanager

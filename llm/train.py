@@ -157,6 +157,7 @@ class Trainer:
     """Checks `config`, builds the mesh, resolves the model's kernels for its platform."""
     config_lib.check(config)
     mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_length(config.seq_len, mesh)
     model_cfg = resolve(ModelConfig.from_dict(config.model), mesh)
     streams.check(config.data, model_cfg)
     model = Transformer(model_cfg)

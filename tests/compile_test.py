@@ -4,8 +4,6 @@ A TPU topology compiled on this CPU host must get the TPU program: the kernels
 are picked from the mesh's devices, not from the host (llm/model/kernels.py).
 """
 
-import os
-
 import jax
 import pytest
 
@@ -13,11 +11,6 @@ from llm import compile as compile_lib
 from llm import metrics, model
 from llm.model import ModelConfig
 from tests.train_test import tiny_config
-
-# From its first use to the end of the process libtpu holds a host-wide lock
-# file, which fails any other process's topology (another pytest on this host);
-# compiling opens no chip, so the processes may share libtpu.
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
 def test_compile_reports_memory_and_flops_for_a_sharded_step():

@@ -59,40 +59,59 @@ def attention(
   *,
   causal: bool,
   block: int | None = None,
+  kv_positions_BS: jax.Array | None = None,
+  kv_segment_ids_BS: jax.Array | None = None,
 ) -> jax.Array:
-  """Self-attention [B, T, K, G, H] equal to `attention.reference` with `make_mask`'s mask.
+  """Attention [B, T, K, G, H] equal to `attention.reference` with `make_mask`'s mask.
 
-  T that `block` (default DEFAULT_BLOCK) does not divide is padded with
-  padding positions (segment id 0), which attend to nothing and which no query sees.
+  Keys and values have the queries' positions and segment ids unless
+  `kv_positions_BS` and `kv_segment_ids_BS` are given (context parallelism:
+  this device's queries over the gathered row). Lengths that `block` (default
+  DEFAULT_BLOCK) does not divide are padded with padding positions (segment
+  id 0), which attend to nothing and which no query sees.
   """
   B, T, K, G, H = q_BTKGH.shape
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones((B, T), jnp.int32)
-  block = min(block or DEFAULT_BLOCK, T)
-  n = -(-T // block)
-  pad = n * block - T
-  if pad:
-    q_BTKGH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT = (
-      jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-      for x in (q_BTKGH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT)
-    )
-  # Blocks first, so that a loop step reads one contiguous block.
-  q_nBKGqH = q_BTKGH.reshape(B, n, block, K, G, H).transpose(1, 0, 3, 4, 2, 5)
-  k_nBKkH = k_BSKH.reshape(B, n, block, K, H).transpose(1, 0, 3, 2, 4)
-  v_nBKkH = v_BSKH.reshape(B, n, block, K, H).transpose(1, 0, 3, 2, 4)
-  pos_nBq = positions_BT.astype(jnp.int32).reshape(B, n, block).transpose(1, 0, 2)
-  seg_nBq = segment_ids_BT.astype(jnp.int32).reshape(B, n, block).transpose(1, 0, 2)
+  if kv_positions_BS is None:
+    kv_positions_BS, kv_segment_ids_BS = positions_BT, segment_ids_BT
+  block = block or DEFAULT_BLOCK
+  q_nBKGqH, pos_q_nBq, seg_q_nBq = _blocks(min(block, T), q_BTKGH, positions_BT, segment_ids_BT)
+  kv = _blocks(min(block, k_BSKH.shape[1]), k_BSKH, kv_positions_BS, kv_segment_ids_BS, v_BSKH)
+  k_nBKkH, pos_k_nBk, seg_k_nBk, v_nBKkH = kv
   # Per device, so that whether a block is skipped depends on this device's rows only.
   blocks_q = (None, 'act_batch', 'act_kv_heads', None, None, None)
   blocks_kv, blocks_row = blocks_q[:3] + (None, None), (None, 'act_batch', None)
   run = sharding.per_shard(
     functools.partial(_flash, causal),
-    (blocks_q, blocks_kv, blocks_kv, blocks_row, blocks_row),
+    (blocks_q, blocks_kv, blocks_kv) + (blocks_row,) * 4,
     blocks_q,
   )
-  out_nBKGqH = run(q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq)
-  out_BTKGH = out_nBKGqH.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * block, K, G, H)
-  return out_BTKGH[:, :T]
+  out_nBKGqH = run(q_nBKGqH, k_nBKkH, v_nBKkH, pos_q_nBq, seg_q_nBq, pos_k_nBk, seg_k_nBk)
+  n, q = out_nBKGqH.shape[0], out_nBKGqH.shape[4]
+  return out_nBKGqH.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * q, K, G, H)[:, :T]
+
+
+def _blocks(block: int, x_BTKX, positions_BT, segment_ids_BT, y_BTKX=None):
+  """Padded to whole blocks, blocks first, so that a loop step reads one contiguous block.
+
+  Returns x [n, B, K, (G,) block, H], positions and segment ids [n, B, block]
+  (and y like x).
+  """
+  B, T = positions_BT.shape
+  n = -(-T // block)
+  pad = [(0, 0), (0, n * block - T)]
+
+  def split(x):
+    x = jnp.pad(x, pad + [(0, 0)] * (x.ndim - 2)).reshape(B, n, block, *x.shape[2:])
+    # [B, n, block, K, (G,) H] -> [n, B, K, (G,) block, H]
+    return x.transpose(1, 0, *range(3, x.ndim - 1), 2, x.ndim - 1)
+
+  def rows(x):
+    return jnp.pad(x.astype(jnp.int32), pad).reshape(B, n, block).transpose(1, 0, 2)
+
+  out = (split(x_BTKX), rows(positions_BT), rows(segment_ids_BT))
+  return out if y_BTKX is None else (*out, split(y_BTKX))
 
 
 def _block_mask(pos_q_Bq, seg_q_Bq, pos_k_Bk, seg_k_Bk, causal: bool):
@@ -110,7 +129,7 @@ def _scores(q_BKGqH, k_BKkH, mask_B11qk):
   return jnp.where(mask_B11qk, s * (H**-0.5), _MASK_VALUE)
 
 
-def _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq):
+def _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq, pos_nBk, seg_nBk):
   """(out [n, B, K, G, q, H] in the compute dtype, log-sum-exp [n, B, K, G, q] float32)."""
 
   def query_block(_, xs):
@@ -119,7 +138,7 @@ def _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq):
     init = (stats_BKGq, jnp.zeros_like(stats_BKGq), jnp.zeros(q_BKGqH.shape, F32))
 
     def key_block(j, carry):
-      mask = _block_mask(pos_q_Bq, seg_q_Bq, pos_nBq[j], seg_nBq[j], causal)
+      mask = _block_mask(pos_q_Bq, seg_q_Bq, pos_nBk[j], seg_nBk[j], causal)
 
       def update(carry):
         max_BKGq, sum_BKGq, acc_BKGqH = carry
@@ -149,14 +168,15 @@ def _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq):
-  return _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq)[0]
+def _flash(causal, q_nBKGqH, k_nBKkH, v_nBKkH, *rows):
+  return _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, *rows)[0]
 
 
-def _flash_fwd(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq):
-  out, lse = _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq)
+def _flash_fwd(causal, q_nBKGqH, k_nBKkH, v_nBKkH, *rows):
+  """rows: positions and segment ids [n, B, block] of the query blocks, then of the key blocks."""
+  out, lse = _forward(causal, q_nBKGqH, k_nBKkH, v_nBKkH, *rows)
   out, lse = checkpoint_name(out, 'attention_out'), checkpoint_name(lse, 'attention_lse')
-  return out, (q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq, out, lse)
+  return out, (q_nBKGqH, k_nBKkH, v_nBKkH, rows, out, lse)
 
 
 def _flash_bwd(causal, residuals, d_out_nBKGqH):
@@ -165,7 +185,8 @@ def _flash_bwd(causal, residuals, d_out_nBKGqH):
   One pass over the blocks: each query block's d_q is summed in the loop's
   carry, d_k and d_v in float32 buffers of the whole row.
   """
-  q_nBKGqH, k_nBKkH, v_nBKkH, pos_nBq, seg_nBq, out_nBKGqH, lse_nBKGq = residuals
+  q_nBKGqH, k_nBKkH, v_nBKkH, rows, out_nBKGqH, lse_nBKGq = residuals
+  pos_nBq, seg_nBq, pos_nBk, seg_nBk = rows
   H = q_nBKGqH.shape[-1]
   d_out_nBKGqH = d_out_nBKGqH.astype(q_nBKGqH.dtype)
   rowsum_nBKGq = jnp.einsum(
@@ -176,7 +197,7 @@ def _flash_bwd(causal, residuals, d_out_nBKGqH):
     q_BKGqH, d_out_BKGqH, lse_BKGq, rowsum_BKGq, pos_q_Bq, seg_q_Bq = xs
 
     def key_block(j, carry):
-      mask = _block_mask(pos_q_Bq, seg_q_Bq, pos_nBq[j], seg_nBq[j], causal)
+      mask = _block_mask(pos_q_Bq, seg_q_Bq, pos_nBk[j], seg_nBk[j], causal)
 
       def update(carry):
         d_q_BKGqH, d_k_nBKkH, d_v_nBKkH = carry
@@ -214,8 +235,7 @@ def _flash_bwd(causal, residuals, d_out_nBKGqH):
     d_q_nBKGqH,
     d_k_nBKkH.astype(k_nBKkH.dtype),
     d_v_nBKkH.astype(v_nBKkH.dtype),
-    None,
-    None,
+    *(None,) * len(rows),
   )
 
 

@@ -44,6 +44,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llm import sharding
 from llm.config import ModelConfig
 from llm.model import attention, flash, splash
 
@@ -131,10 +132,12 @@ _cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precisi
 CPU_BLOCKWISE_MIN_SEQ_LEN = 512
 
 
-def attention_choice(cfg: ModelConfig, seq_len: int) -> str:
+def attention_choice(cfg: ModelConfig, seq_len: int, shards: int = 1) -> str:
   """The kernel self-attention over `seq_len` positions runs: `cfg.attention_impl`, or for 'auto':
 
-  tpu  'splash' when seq_len is a multiple of its 128-position tiles, else 'xla';
+  tpu  'splash' when its 128-position tiles divide the row (split over `shards`
+       sequence shards: each of their 2 x shards chunks), else 'xla', or with
+       the length split 'blockwise';
   gpu  'cudnn' for 16-bit compute and a head dim cuDNN's flash kernel takes
        (a multiple of 8, at most 128), else 'blockwise';
   cpu  'xla' below CPU_BLOCKWISE_MIN_SEQ_LEN positions, 'blockwise' from there;
@@ -143,7 +146,8 @@ def attention_choice(cfg: ModelConfig, seq_len: int) -> str:
   if cfg.attention_impl != 'auto':
     return cfg.attention_impl
   if cfg.platform == 'tpu':
-    return 'splash' if seq_len % splash.LANES == 0 else 'xla'
+    tile = splash.LANES * (2 * shards if shards > 1 else 1)
+    return 'splash' if seq_len % tile == 0 else 'xla' if shards == 1 else 'blockwise'
   if cfg.platform == 'gpu':
     head_dim_fits = cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
     return 'cudnn' if cfg.dtype != 'float32' and head_dim_fits else 'blockwise'
@@ -170,16 +174,26 @@ def attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, seg
   (segment id 0) attends to nothing: its output is zero whatever the kernel.
   'splash' and 'cudnn' apply causality by array index, which is causality by
   position when positions count up within each document, as packed rows and
-  `Transformer`'s default positions do.
+  `Transformer`'s default positions do. With the length split over the
+  sequence axis (context parallelism) each device attends from its own
+  queries over the gathered row (`sharding.context_parallel`), which is in
+  `sharding.balance_order`.
   """
   B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  impl = attention_choice(cfg, T)
+  shards = sharding.sequence_shards()
+  impl = attention_choice(cfg, T, shards)
   _check_runnable(impl, cfg.platform, 'model.platform is')
-  if impl == 'cudnn':
+  if shards > 1:
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    kernel = functools.partial(_context_kernel, cfg, impl, shards)
+    out_BTNH = sharding.context_parallel(
+      kernel, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT
+    )
+  elif impl == 'cudnn':
     out_BTNH = _cudnn_attention(cfg, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   else:
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    q_BTKGH = q_BTNH.reshape(B, T, K := k_BSKH.shape[2], N // K, H)
     if impl == 'blockwise':
       args = (q_BTKGH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT)
       return flash.attention(*args, causal=cfg.causal).reshape(B, T, N, H)  # Padding is 0.
@@ -194,6 +208,44 @@ def attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, seg
   if segment_ids_BT is None:
     return out_BTNH
   return jnp.where(segment_ids_BT[:, :, None, None] != 0, out_BTNH, 0).astype(out_BTNH.dtype)
+
+
+def _context_kernel(
+  cfg, impl, shards, q_btnh, k_bskh, v_bskh, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs, shard
+):
+  """One device's queries over the gathered row, in `sharding.balance_order`.
+
+  The xla and blockwise kernels mask by true positions, so the order of the
+  row does not matter to them; splash's causality is by index, and it puts the
+  row back in order itself; cuDNN takes the mask.
+  """
+  b, t, n, h = q_btnh.shape
+  k = k_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+  if impl == 'blockwise':
+    out_btkgh = flash.attention(
+      q_btkgh,
+      k_bskh,
+      v_bskh,
+      q_pos_bt,
+      q_seg_bt,
+      causal=cfg.causal,
+      kv_positions_BS=kv_pos_bs,
+      kv_segment_ids_BS=kv_seg_bs,
+    )
+  elif impl == 'splash':
+    out_btkgh = splash.context_attention(
+      q_btkgh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, shard, shards=shards, causal=cfg.causal
+    )
+  else:
+    mask_b1ts = attention.make_mask(q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs, causal=cfg.causal)
+    if impl == 'cudnn':  # No empty rows: padding sees all, and the caller zeroes it.
+      mask_b1ts |= (q_seg_bt == 0)[:, None, :, None]
+      return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation='cudnn'
+      )
+    out_btkgh = _xla_attention(cfg, q_btkgh, k_bskh, v_bskh, mask_b1ts)
+  return out_btkgh.reshape(b, t, n, h)
 
 
 def cache_attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_B1TS):

@@ -33,7 +33,9 @@ def matmul(cfg: ModelConfig, spec: str, x: Array, w: Array, out_dtype=None) -> A
   return kernels.matmul(cfg, spec, x, w, out_dtype)
 
 
-BTD = ('act_batch', 'act_length', 'act_embed')
+# The residual stream, between attention and the MLP: under tensor parallelism
+# its length is split over the tensor axis too (`llm/sharding.py`).
+BTD = ('act_batch', 'act_res_length', 'act_embed')
 
 
 class Norm(nn.Module):

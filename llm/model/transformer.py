@@ -1,5 +1,7 @@
 """The Transformer: embeddings, the stack of blocks, the heads; its KV cache and layouts."""
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,9 @@ from llm import sharding
 from llm.config import ModelConfig
 from llm.model import attention as attention_lib
 from llm.model import layers
+
+# Logits [B, T, V] (or [B, 1, C]): split by batch, and by vocabulary over `tensor`.
+LOGITS = ('act_batch', 'act_length', 'act_vocab')
 
 
 class Transformer(nn.Module):
@@ -26,6 +31,11 @@ class Transformer(nn.Module):
   and the last for a decoder, which is only right for rows without padding.
   `token_types_BT` (0 or 1 per token) needs model.type_vocab_size > 0; None
   means all 0.
+
+  `hidden=True` (lm and mlm heads, no cache) returns (x_BTD, `Head`) instead
+  of logits: the states the vocabulary projection reads (after the final norm
+  and the masked-LM transform) and its parameters, so that the loss can take
+  `unembed` over chunks of positions and never hold [B, T, V] float32 logits.
   """
 
   cfg: ModelConfig
@@ -39,8 +49,11 @@ class Transformer(nn.Module):
     cache: dict | None = None,
     logits_index_B: jax.Array | None = None,
     token_types_BT: jax.Array | None = None,
+    hidden: bool = False,
   ):
     cfg = self.cfg
+    if hidden and (cache is not None or cfg.head == 'classifier'):
+      raise ValueError('hidden=True is for the loss of an lm or mlm head, without a cache.')
     B, T = tokens_BT.shape
     if positions_BT is None:
       start = 0 if cache is None else cache['index']
@@ -82,10 +95,12 @@ class Transformer(nn.Module):
     if cfg.norm_position == 'pre':
       x_BTD = layers.Norm(cfg, name='final_norm')(x_BTD)
     if cfg.head == 'classifier':
-      logits_BTV = self._classify(x_BTD)
+      logits_BTV = layers.constrain(self._classify(x_BTD), LOGITS)
     else:
-      logits_BTV = self._unembed(x_BTD, embed_VD)
-    logits_BTV = layers.constrain(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
+      x_BTD, head = self._unembed(x_BTD, embed_VD)
+      if hidden:
+        return x_BTD, head
+      logits_BTV = unembed(cfg, x_BTD, head)
     if cache is None:
       return logits_BTV
     return logits_BTV, dict(cache, **kv)
@@ -128,24 +143,25 @@ class Transformer(nn.Module):
     return embed_VD, layers.constrain(x_BTD, layers.BTD)
 
   def _unembed(self, x_BTD, embed_VD):
-    """Vocabulary logits; the masked-LM head first applies BERT's transform."""
+    """(x_BTD, `Head`) for `unembed`: the masked-LM head first applies BERT's transform.
+
+    The transform is per position and small, so it stays here with its
+    submodules; only the [D, V] projection is left to the caller.
+    """
     cfg = self.cfg
     if cfg.head == 'mlm':
       x_BTD = layers.Dense(cfg, cfg.d_model, name='mlm_dense')(x_BTD)
       x_BTD = layers.activation(cfg, x_BTD)
       x_BTD = layers.Norm(cfg, name='mlm_norm')(x_BTD)
-    if cfg.tie_embeddings:
-      # The table as it is, not transposed: XLA:CPU copied a transposed table
-      # on every decoding step (bench/RESULTS.md).
-      logits_BTV = layers.matmul(cfg, 'BTD,VD->BTV', x_BTD, embed_VD, jnp.float32)
-    else:
-      unembed_DV = self.param(
+    w = embed_VD
+    if not cfg.tie_embeddings:
+      w = self.param(
         'unembed',
         nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('embed', 'vocab')),
         (cfg.d_model, cfg.vocab_size),
         cfg.param_dtype,
       )
-      logits_BTV = layers.matmul(cfg, 'BTD,DV->BTV', x_BTD, unembed_DV, jnp.float32)
+    bias_V = None
     if cfg.head == 'mlm':
       bias_V = self.param(
         'unembed_bias',
@@ -153,8 +169,7 @@ class Transformer(nn.Module):
         (cfg.vocab_size,),
         cfg.param_dtype,
       )
-      logits_BTV += bias_V
-    return logits_BTV
+    return x_BTD, Head(w, bias_V)
 
   def _classify(self, x_B1D):
     """Class logits [B, 1, C]; an encoder pools first (dense + tanh), as BERT."""
@@ -163,6 +178,31 @@ class Transformer(nn.Module):
       x_B1D = jnp.tanh(layers.Dense(cfg, cfg.d_model, name='pooler')(x_B1D))
     logits = layers.Dense(cfg, cfg.num_labels, name='classifier')(x_B1D)
     return logits.astype(jnp.float32)
+
+
+class Head(NamedTuple):
+  """The vocabulary projection's parameters, as `Transformer(hidden=True)` returns them.
+
+  w: the embedding table [V, D] when tied (as it is, not transposed: XLA:CPU
+  copied a transposed table on every decoding step, bench/RESULTS.md), else
+  the unembedding [D, V]. bias: the masked-LM head's [V] bias, else None.
+  """
+
+  w: jax.Array
+  bias: jax.Array | None
+
+
+def unembed(cfg: ModelConfig, x_BTD: jax.Array, head: Head) -> jax.Array:
+  """Float32 logits of final hidden states, split over `tensor` by vocabulary.
+
+  The one projection for both paths: the model's own output, and the loss's
+  chunks of positions (`llm/losses.py`), which must give the same numbers.
+  """
+  spec = 'BTD,VD->BTV' if cfg.tie_embeddings else 'BTD,DV->BTV'
+  logits_BTV = layers.matmul(cfg, spec, x_BTD, head.w, jnp.float32)
+  if head.bias is not None:
+    logits_BTV += head.bias
+  return layers.constrain(logits_BTV, LOGITS)
 
 
 # Logical axis names of the KV cache: sharded like the activations.

@@ -281,7 +281,7 @@ def embedding_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
       rows_btd = jax.lax.psum(jnp.where(mine_bt[..., None], rows_btd, 0), vocab_axes)
     else:
       rows_btd = jnp.take(table_vd, tokens_bt, axis=0)
-    if embed_axes:  # [rows of the group, D / fsdp] -> [own rows, D].
+    if embed_axes:  # [rows of the group, D / (fsdp x sequence)] -> [own rows, D].
       rows_btd = jax.lax.all_to_all(rows_btd, embed_axes, 0, 2, tiled=True)
     return rows_btd
 

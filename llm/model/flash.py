@@ -65,16 +65,19 @@ def attention(
   """Attention [B, T, K, G, H] equal to `attention.reference` with `make_mask`'s mask.
 
   Keys and values have the queries' positions and segment ids unless
-  `kv_positions_BS` and `kv_segment_ids_BS` are given (context parallelism:
-  this device's queries over the gathered row). Lengths that `block` (default
+  `kv_positions_BS` (and `kv_segment_ids_BS`, None: one document) are given
+  (context parallelism: this device's queries over the gathered row). Lengths that `block` (default
   DEFAULT_BLOCK) does not divide are padded with padding positions (segment
   id 0), which attend to nothing and which no query sees.
   """
   B, T, K, G, H = q_BTKGH.shape
-  if segment_ids_BT is None:
-    segment_ids_BT = jnp.ones((B, T), jnp.int32)
   if kv_positions_BS is None:
     kv_positions_BS, kv_segment_ids_BS = positions_BT, segment_ids_BT
+  # No segment ids: one document.
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones((B, T), jnp.int32)
+  if kv_segment_ids_BS is None:
+    kv_segment_ids_BS = jnp.ones(kv_positions_BS.shape, jnp.int32)
   block = block or DEFAULT_BLOCK
   q_nBKGqH, pos_q_nBq, seg_q_nBq = _blocks(min(block, T), q_BTKGH, positions_BT, segment_ids_BT)
   kv = _blocks(min(block, k_BSKH.shape[1]), k_BSKH, kv_positions_BS, kv_segment_ids_BS, v_BSKH)

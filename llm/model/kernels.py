@@ -179,48 +179,40 @@ def attention_kernel(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, positions_BT, seg
   queries over the gathered row (`sharding.context_parallel`), which is in
   `sharding.balance_order`.
   """
-  B, T, N, H = q_BTNH.shape
+  B, T = positions_BT.shape
   shards = sharding.sequence_shards()
   impl = attention_choice(cfg, T, shards)
   _check_runnable(impl, cfg.platform, 'model.platform is')
-  if shards > 1:
+  if shards == 1:
+    args = (q_BTNH, k_BSKH, v_BSKH, positions_BT, positions_BT, segment_ids_BT, segment_ids_BT)
+    out_BTNH = _local_attention(cfg, impl, 1, *args, None)
+  else:
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((B, T), jnp.int32)
-    kernel = functools.partial(_context_kernel, cfg, impl, shards)
+    kernel = functools.partial(_local_attention, cfg, impl, shards)
     out_BTNH = sharding.context_parallel(
       kernel, q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT
     )
-  elif impl == 'cudnn':
-    out_BTNH = _cudnn_attention(cfg, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-  else:
-    q_BTKGH = q_BTNH.reshape(B, T, K := k_BSKH.shape[2], N // K, H)
-    if impl == 'blockwise':
-      args = (q_BTKGH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT)
-      return flash.attention(*args, causal=cfg.causal).reshape(B, T, N, H)  # Padding is 0.
-    if impl == 'splash':
-      out_BTKGH = splash.attention(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, causal=cfg.causal)
-    else:
-      mask_B1TS = attention.make_mask(
-        positions_BT, positions_BT, segment_ids_BT, segment_ids_BT, causal=cfg.causal
-      )
-      out_BTKGH = _xla_attention(cfg, q_BTKGH, k_BSKH, v_BSKH, mask_B1TS)
-    out_BTNH = out_BTKGH.reshape(B, T, N, H)
-  if segment_ids_BT is None:
+  if segment_ids_BT is None or impl == 'blockwise':  # Blockwise gives padding 0 itself.
     return out_BTNH
   return jnp.where(segment_ids_BT[:, :, None, None] != 0, out_BTNH, 0).astype(out_BTNH.dtype)
 
 
-def _context_kernel(
+def _local_attention(
   cfg, impl, shards, q_btnh, k_bskh, v_bskh, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs, shard
 ):
-  """One device's queries over the gathered row, in `sharding.balance_order`.
+  """Queries over keys, with this device's arrays when the length is split.
 
-  The xla and blockwise kernels mask by true positions, so the order of the
-  row does not matter to them; splash's causality is by index, and it puts the
-  row back in order itself; cuDNN takes the mask.
+  With `shards` > 1 (inside `sharding.context_parallel`) the keys are the
+  gathered row in `sharding.balance_order` and `shard` is this device's
+  index. The xla and blockwise kernels mask by true positions, so the order
+  of the row does not matter to them; splash's causality is by index, and it
+  puts the row back in order itself; cuDNN then takes the mask.
   """
   b, t, n, h = q_btnh.shape
   k = k_bskh.shape[2]
+  if impl == 'cudnn' and shards == 1:
+    return _cudnn_attention(cfg, q_btnh, k_bskh, v_bskh, q_seg_bt)
   q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
   if impl == 'blockwise':
     out_btkgh = flash.attention(
@@ -233,6 +225,8 @@ def _context_kernel(
       kv_positions_BS=kv_pos_bs,
       kv_segment_ids_BS=kv_seg_bs,
     )
+  elif impl == 'splash' and shards == 1:
+    out_btkgh = splash.attention(q_btkgh, k_bskh, v_bskh, q_seg_bt, causal=cfg.causal)
   elif impl == 'splash':
     out_btkgh = splash.context_attention(
       q_btkgh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, shard, shards=shards, causal=cfg.causal

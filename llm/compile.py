@@ -6,10 +6,13 @@ r"""Ahead-of-time compilation of the train step: will this config fit, and how f
 compiles the real train step for the target mesh without the hardware (a TPU
 topology needs the optional `jax[tpu]` extra: `pip install -r requirements-tpu.txt`;
 without --topology it compiles for the local devices) and prints the per-device
-memory XLA plans (parameters and optimizer state in, temporaries, outputs) and
-the compile time. Nothing is allocated: the state exists only as shapes. The
-model's kernels are those of the target's platform (the trainer resolves them
-from the mesh), so a TPU topology compiled on a CPU host gets the TPU program.
+memory XLA plans (parameters and optimizer state in, temporaries, outputs), the
+compile time, and the FLOPs of a step: XLA's count and the model's
+(`llm/metrics.py`, what MFU divides: for a mixture of experts, only the active
+parameters, also printed next to the total). Nothing is allocated: the state
+exists only as shapes. The model's kernels are those of the target's platform
+(the trainer resolves them from the mesh), so a TPU topology compiled on a CPU
+host gets the TPU program.
 """
 
 import dataclasses
@@ -18,7 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm import sharding, train
+from llm import metrics, sharding, train
+from llm import model as model_lib
 
 
 @dataclasses.dataclass
@@ -29,6 +33,9 @@ class CompileReport:
   alias_bytes: int  # Outputs written in place of donated arguments.
   temp_bytes: int  # Activations, gradients, collectives' buffers.
   flops: float  # XLA's count for one step on one device.
+  model_flops: float  # The model's (metrics.train_flops_per_token) for one step, per device.
+  params: int  # Total parameters.
+  active_params: int  # Those one token uses: fewer for a mixture of experts.
   # The program itself, e.g. to see which kernels the target got:
   # `lowered.as_text(debug_info=True)` is the StableHLO as traced, each op
   # located by its named scopes; `compiled.as_text()` the HLO after XLA's passes.
@@ -46,7 +53,8 @@ class CompileReport:
       f'compiled in {self.compile_seconds:.1f}s; per device: peak {self.peak_bytes / gib:.2f} GiB '
       f'(arguments {self.argument_bytes / gib:.2f}, temporaries {self.temp_bytes / gib:.2f}, '
       f'outputs {self.output_bytes / gib:.2f}, aliased {self.alias_bytes / gib:.2f}); '
-      f'{self.flops / 1e12:.2f} TFLOP per step'
+      f'{self.flops / 1e12:.2f} TFLOP per step (XLA), {self.model_flops / 1e12:.2f} by the '
+      f'model ({self.params / 1e9:.2f}B parameters, {self.active_params / 1e9:.2f}B active)'
     )
 
 
@@ -84,6 +92,8 @@ def compile_train_step(config, devices=None) -> CompileReport:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
+  cfg = trainer.model_cfg
+  tokens_per_device = config.batch_size * config.seq_len / trainer.mesh.size
   return CompileReport(
     compile_seconds=seconds,
     argument_bytes=int(memory.argument_size_in_bytes),
@@ -91,6 +101,9 @@ def compile_train_step(config, devices=None) -> CompileReport:
     alias_bytes=int(memory.alias_size_in_bytes),
     temp_bytes=int(memory.temp_size_in_bytes),
     flops=float((cost or {}).get('flops', 0.0)),
+    model_flops=metrics.train_flops_per_token(cfg, config.seq_len) * tokens_per_device,
+    params=model_lib.count_params(cfg),
+    active_params=model_lib.count_active_params(cfg),
     lowered=lowered,
     compiled=compiled,
   )

@@ -64,6 +64,9 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_seq_len: int = 8192
   use_bias: bool = False
+  # The model's `norm` over head_dim on every query and key head, before RoPE
+  # (Qwen3's QK-norm, an RMSNorm): params attn/q_norm/scale, attn/k_norm/scale [H].
+  qk_norm: bool = False
   tie_embeddings: bool = False
   causal: bool = True
   # 'pre': x + f(norm(x)) and a final norm (GPT-2, Llama). 'post': norm(x + f(x))
@@ -83,6 +86,24 @@ class ModelConfig:
   # portable reference kernels, never the tracing host's.
   platform: str = 'auto'
   init_std: float = 0.02
+  # Mixture of experts (llm/model/moe.py); num_experts 0 is a dense model and
+  # the other fields must then keep their defaults. The expert MLP is the
+  # model's own `mlp` kind, moe_d_ff wide (0: d_ff); the shared experts
+  # (DeepSeek, always active) are one MLP num_shared_experts x moe_d_ff wide.
+  # Sparse layers: after moe_first_dense dense ones, every moe_every-th.
+  num_experts: int = 0
+  experts_per_token: int = 2
+  num_shared_experts: int = 0
+  moe_d_ff: int = 0
+  moe_first_dense: int = 0
+  moe_every: int = 1
+  # The router: a float32 softmax over all experts, then the top k; True
+  # rescales the k weights to sum to 1 (Mixtral, Qwen3), False keeps them (DeepSeek).
+  router_renormalize: bool = True
+  # 0: dropless (every token copy reaches its expert, `lax.ragged_dot`). > 0:
+  # each expert takes ceil(T x k / E x capacity_factor) copies per row; the
+  # rest are dropped (the block adds nothing for them, the residual passes on).
+  capacity_factor: float = 0.0
 
   def __post_init__(self):
     for field, valid in _CHOICES.items():
@@ -119,6 +140,19 @@ class ModelConfig:
         f'model.rope_low_freq_factor={self.rope_low_freq_factor}.'
       )
 
+    _check_moe(self)
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe_d_ff or self.d_ff
+
+  def sparse_layers(self) -> tuple[bool, ...]:
+    """Whether each layer's MLP is a mixture of experts."""
+    k, n = self.moe_first_dense, self.moe_every
+    return tuple(
+      bool(self.num_experts) and i >= k and (i - k + 1) % n == 0 for i in range(self.num_layers)
+    )
+
   @classmethod
   def from_dict(cls, d) -> 'ModelConfig':
     """Builds a config from a mapping, naming any key that is not a field."""
@@ -130,6 +164,47 @@ class ModelConfig:
         f'Unknown model config keys {unknown}; valid keys: {", ".join(sorted(fields))}.'
       )
     return cls(**d)
+
+
+_MOE_FIELDS = (
+  'experts_per_token',
+  'num_shared_experts',
+  'moe_d_ff',
+  'moe_first_dense',
+  'moe_every',
+  'router_renormalize',
+  'capacity_factor',
+)
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+  E, k = cfg.num_experts, cfg.experts_per_token
+  if E < 0:
+    raise ValueError(f'model.num_experts={E} must be 0 (dense) or more.')
+  if not E:
+    defaults = ModelConfig.__dataclass_fields__
+    changed = [f for f in _MOE_FIELDS if getattr(cfg, f) != defaults[f].default]
+    if changed:
+      raise ValueError(
+        f'model.{changed[0]}={getattr(cfg, changed[0])!r} is a mixture-of-experts setting, '
+        'but model.num_experts=0 (a dense model); set model.num_experts or drop it.'
+      )
+    return
+  if not 1 <= k <= E:
+    raise ValueError(f'model.experts_per_token={k} must be between 1 and model.num_experts={E}.')
+  if cfg.capacity_factor < 0 or not math.isfinite(cfg.capacity_factor):
+    raise ValueError(
+      f'model.capacity_factor={cfg.capacity_factor} must be 0 (dropless) or positive.'
+    )
+  for field in ('num_shared_experts', 'moe_d_ff', 'moe_first_dense'):
+    if getattr(cfg, field) < 0:
+      raise ValueError(f'model.{field}={getattr(cfg, field)} must be 0 or more.')
+  rest = cfg.num_layers - cfg.moe_first_dense
+  if rest <= 0 or cfg.moe_every < 1 or rest % cfg.moe_every:
+    raise ValueError(
+      f'model.moe_every={cfg.moe_every} must be positive and divide the {rest} layers after '
+      f'model.moe_first_dense={cfg.moe_first_dense} (of model.num_layers={cfg.num_layers}).'
+    )
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -220,6 +295,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.keep_period = 0  # Also keep every keep_period-th step forever; 0: none.
   c.async_checkpointing = True
   c.z_loss = 0.0
+  # Mixture-of-experts losses (zero for a dense model): the load-balancing
+  # loss (Switch Transformer: E x sum_e fraction routed to e x mean router
+  # probability of e; 1 when balanced) and the router's z-loss (mean squared
+  # log-sum-exp of its logits), each a mean over the sparse layers.
+  c.moe_aux_loss = 0.01
+  c.router_z_loss = 0.001
   # Peak FLOP/s per device for MFU; 0 looks the device up (accelerators) or
   # measures a matmul on the host (CPU).
   c.peak_flops = 0.0
@@ -263,10 +344,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       fsdp=1,
       sequence=1,  # Context parallelism: the length of activations split.
       tensor=1,
+      expert=1,  # Expert parallelism: the experts of every sparse layer split.
       dcn_data=1,
       dcn_fsdp=1,
       dcn_sequence=1,
       dcn_tensor=1,
+      dcn_expert=1,
     )
   )
   c.data = data_config()

@@ -51,11 +51,13 @@ CHUNK = 2048
 
 
 def forward(params, batch: dict, cfg: ModelConfig, *, hidden: bool = False):
-  """The model's logits for a batch of any objective ([B, 1, C] for a classifier).
+  """(The model's logits for a batch of any objective, its routing statistics).
 
-  hidden=True: (final hidden states, `Head`) instead, for `chunked_token_nll`.
+  Logits are [B, 1, C] for a classifier; hidden=True: (final hidden states,
+  `Head`) instead, for `chunked_token_nll`. The statistics (`moe.STATS`,
+  means over the sparse layers) are zeros for a dense model.
   """
-  return Transformer(cfg).apply(
+  out, state = Transformer(cfg).apply(
     {'params': params},
     batch['inputs'],
     batch['positions'],
@@ -63,7 +65,9 @@ def forward(params, batch: dict, cfg: ModelConfig, *, hidden: bool = False):
     logits_index_B=batch.get('logits_index'),
     token_types_BT=batch.get('token_types'),
     hidden=hidden,
+    mutable=['moe_stats'],
   )
+  return out, state['moe_stats']['mean'][0]
 
 
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -112,32 +116,46 @@ def chunked_token_nll(
 
 def token_losses(
   params, batch: dict, cfg: ModelConfig, chunk: int = CHUNK
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(NLL, log Z, argmax) per target position; over chunks of positions when T > chunk.
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], dict]:
+  """((NLL, log Z, argmax) per target position, routing statistics).
 
-  A classifier's [B, 1, C] logits are small and always taken whole.
+  Over chunks of positions when T > chunk; a classifier's [B, 1, C] logits
+  are small and always taken whole.
   """
   T = batch['targets'].shape[1]
   if cfg.head == 'classifier' or chunk >= T:
-    logits_BTV = forward(params, batch, cfg)
+    logits_BTV, stats = forward(params, batch, cfg)
     nll_BT, log_z_BT = token_nll(logits_BTV, batch['targets'])
-    return nll_BT, log_z_BT, jnp.argmax(logits_BTV, axis=-1)
-  x_BTD, head = forward(params, batch, cfg, hidden=True)
-  return chunked_token_nll(cfg, x_BTD, head, batch['targets'], chunk)
+    return (nll_BT, log_z_BT, jnp.argmax(logits_BTV, axis=-1)), stats
+  (x_BTD, head), stats = forward(params, batch, cfg, hidden=True)
+  return chunked_token_nll(cfg, x_BTD, head, batch['targets'], chunk), stats
 
 
-def train_sums(params, batch: dict, cfg: ModelConfig, z_loss: float = 0.0, chunk: int = CHUNK):
-  """(objective, (sum of NLL, loss tokens)) for `jax.value_and_grad(..., has_aux=True)`.
+def train_sums(
+  params,
+  batch: dict,
+  cfg: ModelConfig,
+  z_loss: float = 0.0,
+  chunk: int = CHUNK,
+  *,
+  moe_aux_loss: float = 0.0,
+  router_z_loss: float = 0.0,
+):
+  """(objective, (sum of NLL, loss tokens, routing statistics)) for `jax.value_and_grad`.
 
   The objective adds the z-loss (PaLM), which pushes log Z toward 0 and keeps
-  bf16 logits stable; the NLL sum is what the loss metric reports.
+  bf16 logits stable, and for a mixture of experts the load-balancing and
+  router z-losses (means over the batch, so weighted by its loss tokens to
+  join the sums; zero for a dense model); the NLL sum is what the loss
+  metric reports.
   """
   batch = sharding.balance_length(batch)  # Context parallelism's order; sums are unchanged.
-  nll_BT, log_z_BT, _ = token_losses(params, batch, cfg, chunk)
+  (nll_BT, log_z_BT, _), stats = token_losses(params, batch, cfg, chunk)
   mask_BT = batch['loss_mask']
-  nll = jnp.sum(nll_BT * mask_BT)
+  nll, tokens = jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
   z = z_loss * jnp.sum(jnp.square(log_z_BT) * mask_BT)
-  return nll + z, (nll, jnp.sum(mask_BT))
+  routing = moe_aux_loss * stats['moe_aux_loss'] + router_z_loss * stats['router_z_loss']
+  return nll + z + tokens * routing, (nll, tokens, stats)
 
 
 def eval_sums(
@@ -145,7 +163,7 @@ def eval_sums(
 ) -> dict:
   """The evaluation sums of one batch (see the module docstring)."""
   batch = sharding.balance_length(batch)
-  nll_BT, _, predicted_BT = token_losses(params, batch, cfg, chunk)
+  (nll_BT, _, predicted_BT), _ = token_losses(params, batch, cfg, chunk)
   mask_BT = batch['loss_mask'].astype(jnp.float32)
   targets_BT = batch['targets']
   out = {'nll_sum': jnp.sum(nll_BT * mask_BT), 'tokens': jnp.sum(mask_BT)}

@@ -9,6 +9,11 @@ FLOPs per trained token (what MFU divides), following PaLM (Chowdhery et al.
                             and layer forward for full attention, halved because a
                             causal token sees on average T/2 keys, times 3 for training
 
+A mixture of experts counts the weights a token uses (its active
+parameters): in a sparse layer the experts_per_token routed experts it is sent
+to, the shared experts and the router, not the experts it skips. Dropped
+token copies (capacity_factor > 0) are still counted, as the work planned.
+
 Remat recomputation is not counted: MFU measures useful work, so recomputing
 lowers it, as it should.
 """
@@ -40,19 +45,27 @@ PEAK_FLOPS = {
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Weights that take part in a matmul per token (the N in 6N)."""
-  D, F, N, K, H, L, V = (
+  """Weights that take part in a matmul per token (the N in 6N): its active ones.
+
+  Dense layers use their d_ff MLP; sparse ones the experts_per_token routed
+  expert MLPs (moe_d_ff wide), the shared one (num_shared_experts x moe_d_ff)
+  and the router [D, E].
+  """
+  D, F, N, K, H, V = (
     cfg.d_model,
     cfg.d_ff,
     cfg.num_heads,
     cfg.num_kv_heads,
     cfg.head_dim,
-    cfg.num_layers,
     cfg.vocab_size,
   )
   attn = D * N * H * 2 + D * K * H * 2  # q, o and k, v
-  mlp = D * F * (3 if cfg.mlp == 'swiglu' else 2)
-  return L * (attn + mlp) + D * V
+  per_width = D * (3 if cfg.mlp == 'swiglu' else 2)  # An MLP's weights per hidden unit.
+  dense = attn + per_width * F
+  Fe, E = cfg.expert_d_ff, cfg.num_experts
+  sparse = attn + per_width * Fe * (cfg.experts_per_token + cfg.num_shared_experts) + D * E
+  kinds = cfg.sparse_layers()
+  return sum(sparse if s else dense for s in kinds) + D * V
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -7,22 +7,20 @@ logical axes: parameters (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
 
 Mesh axes:
   data      pure data parallelism: parameters replicated, batch split.
-  fsdp      data parallelism whose parameters and optimizer state are split too
-            (ZeRO-3): the batch is split over data x fsdp, weights over fsdp and
+  fsdp      ZeRO-3: the batch split, and the weights and optimizer state too,
             gathered per layer inside the step.
-  sequence  context parallelism: the length of every activation is split, and
-            attention gathers the keys and values of the whole row
-            (`context_parallel`). Weights are split over it as over fsdp, since
-            its chips hold different tokens of the same rows. Causal rows are
-            reordered first (`balance_length`) so that every chip has as much of
-            the causal triangle as the others.
-  tensor    Megatron-style tensor parallelism: heads, MLP hidden and vocab
-            split. Between attention and the MLP (norms, residual adds) the
-            activations are split on length over it instead of replicated
-            (Megatron's sequence parallelism, `act_res_length`), so the
-            all-reduce after each block becomes a reduce-scatter and an
-            all-gather of the same volume, and each chip keeps 1/tensor of the
-            residual stream.
+  sequence  context parallelism: every activation's length split; attention
+            gathers the whole row's keys and values (`context_parallel`), causal
+            rows reordered first so every chip has as much of the triangle
+            (`balance_length`). Weights are split over it as over fsdp.
+  expert    expert parallelism: each sparse layer's experts split, the tokens
+            gathered and the outputs reduce-scattered (`expert_parallel`).
+            Elsewhere one more data-parallel axis splitting weights, like fsdp.
+  tensor    Megatron-style: heads, MLP hidden and vocab split; between attention
+            and the MLP the residual stream is split on length over it
+            (Megatron's sequence parallelism, `act_res_length`): the all-reduce
+            after each block becomes a reduce-scatter and an all-gather of the
+            same volume, and each chip keeps 1/tensor of the stream.
 
 Each axis has an ICI size (within a slice) and a DCN size (across slices); the
 mesh axis is their product. Put `data` on DCN: it only all-reduces gradients
@@ -40,8 +38,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
+MESH_AXES = ('data', 'fsdp', 'sequence', 'expert', 'tensor')
+EXPERT_AXIS = 'expert'
+BATCH_AXES = ('data', 'fsdp', EXPERT_AXIS)
 SEQUENCE_AXIS = 'sequence'
 
 RULES = (
@@ -55,7 +54,11 @@ RULES = (
   ('act_mlp', 'tensor'),
   ('act_vocab', 'tensor'),
   # Parameters.
-  ('embed', ('fsdp', SEQUENCE_AXIS)),
+  ('embed', ('fsdp', SEQUENCE_AXIS, EXPERT_AXIS)),
+  # An expert's weights: split over `expert` by expert, and their model dim
+  # over the rest of `embed`'s axes (flax would drop a mesh axis named twice).
+  ('exp', EXPERT_AXIS),
+  ('exp_embed', ('fsdp', SEQUENCE_AXIS)),
   ('vocab', 'tensor'),
   ('heads', 'tensor'),
   ('kv_heads', 'tensor'),
@@ -67,10 +70,12 @@ RULES = (
 
 # Which config field sets the size of a logical axis, for error messages.
 _AXIS_FIELDS = {
+  'exp': 'model.num_experts',
   'heads': 'model.num_heads',
   'kv_heads': 'model.num_kv_heads',
   'mlp': 'model.d_ff',
   'embed': 'model.d_model',
+  'exp_embed': 'model.d_model',
   'vocab': 'model.vocab_size',
 }
 
@@ -148,10 +153,7 @@ def mesh_from_spec(spec: str = '') -> Mesh:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh):
-  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from eval_shape).
-
-  Leaves without logical names (scalars such as the step) are replicated.
-  """
+  """NamedShardings for `nn.LogicallyPartitioned` leaves; leaves without names replicated."""
   check_divisible(boxed_tree, mesh)
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
@@ -160,9 +162,8 @@ def logical_shardings(boxed_tree, mesh: Mesh):
 def like_params(tree, abstract_params, param_shardings, mesh: Mesh):
   """Shardings for a tree holding parameter-shaped subtrees, such as optimizer state.
 
-  A leaf whose path ends in a parameter's path, with that parameter's shape
-  (Adam's moments), is sharded like the parameter; everything else (step
-  counts) is replicated. This keeps FSDP's memory saving for optimizer state.
+  A leaf whose path ends in a parameter's, with its shape (Adam's moments), is
+  sharded like it (FSDP's saving); the rest (step counts) is replicated.
   """
   by_path = {
     _dict_keys(path): (leaf.shape, sharding)
@@ -244,16 +245,13 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
 def embedding_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
   """table_VD[tokens_BT] without gathering the table, which stays split as its params are.
 
-  XLA cannot partition a gather from a table split along D (fsdp); left to
-  itself it replicates the table on every device, and its gradient too: 4 GiB
-  for Llama-3-8B's 128k x 4k float32 table. Instead each device looks its
-  token ids up in its own [V / tensor, D / (fsdp x sequence)] block: the ids
-  of the group that splits D are all-gathered (int32, tiny), rows of other
-  vocab shards are zero and summed over `tensor` (Megatron's vocab-parallel
-  embedding), and an all-to-all over the group hands each device the rows of
-  its own tokens with all of D. The
-  gradient is a scatter-add into the local block. Without a mesh, or when the
-  table is not split, or the batch does not divide evenly, it is a plain take.
+  XLA cannot partition a gather from a table split along D (fsdp): it would
+  replicate the table and its gradient (4 GiB for Llama-3-8B's). Instead each
+  device looks the ids of the group splitting D up (all-gathered, int32) in
+  its own [V / tensor, D / group] block, rows of other vocab shards are zero
+  and summed over `tensor` (Megatron's vocab-parallel embedding), and an
+  all-to-all hands each device its own tokens' rows with all of D; the
+  gradient is a scatter-add. Without a split table or divisible batch: a take.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -313,11 +311,10 @@ def _size(mesh, axes) -> int:
 def per_shard(fn, in_axes: tuple, out_axes: tuple[str | None, ...]):
   """`fn` run on each device's shard of its array arguments, split by logical axis names.
 
-  For kernels that must see whole rows and heads: a Pallas call, which XLA
-  cannot partition and would run on operands gathered onto every device, or a
-  loop whose branches should depend on this device's rows alone. `in_axes`
-  holds one tuple of logical names per argument. Without a mesh, or when a
-  mesh axis does not divide its dimension, `fn` itself: XLA partitions it.
+  For kernels that must see whole rows and heads: a Pallas call (XLA would run
+  it on operands gathered onto every device), or a loop whose branches depend
+  on this device's rows. `in_axes`: logical names per argument. Without a
+  mesh, or with a dimension its axes do not divide, `fn` itself.
   """
 
   def run(*args):
@@ -341,10 +338,6 @@ def _is_local(mesh) -> bool:
   return mesh.empty or len(mesh.manual_axes) == len(mesh.axis_names)
 
 
-# ----------------------------------------------------------------------------
-# Context parallelism.
-
-
 def sequence_shards() -> int:
   """How many ways activations are split on length here: the sequence axis (1: no mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -365,10 +358,8 @@ def check_length(seq_len: int, mesh: Mesh) -> None:
 def balance_order(seq_len: int, shards: int) -> np.ndarray:
   """The positions in load-balanced order: chunk i, then chunk 2S-1-i, for shard i = 0..S-1.
 
-  Under a causal mask the first chunks of a row have little to attend to and
-  the last ones much; split in plain order, the chip holding the end of the
-  row would do most of the work while the others wait. Paired front with back,
-  every chip's queries see the same number of keys.
+  Under a causal mask the end of a row attends to far more than its start;
+  paired front with back, every chip's queries see the same number of keys.
   """
   chunks = np.arange(seq_len).reshape(2 * shards, -1)
   order = [c for i in range(shards) for c in (i, 2 * shards - 1 - i)]
@@ -378,11 +369,10 @@ def balance_order(seq_len: int, shards: int) -> np.ndarray:
 def balance_length(batch: dict) -> dict:
   """Every [B, T] array of `batch` in `balance_order` when the length is split; else `batch`.
 
-  Training and evaluation reorder inputs, targets, positions, segment ids and
-  masks alike, so a token's loss is unchanged and only the kernels that apply
-  causality by array index (splash) need to know; RoPE and the masks of the
-  other kernels read the true positions. A row of one position per example
-  (a classifier's) is left alone and its `logits_index` follows the reorder.
+  Inputs, targets, positions, segment ids and masks move alike, so losses are
+  unchanged; only kernels that apply causality by array index (splash) must
+  know (RoPE and the other masks read true positions). A classifier's one
+  position per row stays, and its `logits_index` follows the reorder.
   """
   shards = sequence_shards()
   T = batch['inputs'].shape[1]
@@ -404,12 +394,11 @@ def balance_length(batch: dict) -> dict:
 def context_parallel(fn, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT):
   """Attention with the length split over the sequence axis: `fn` per device on its queries.
 
-  Each device keeps its queries and all-gathers the keys, values, positions
-  and segment ids of the whole row (MaxText's default strategy; the gradient
-  of the gather is a reduce-scatter). Rows and heads stay split as outside.
-  `fn(q_btnh, k_bskh, v_bskh, q_positions_bt, kv_positions_bs, q_segment_ids_bt,
-  kv_segment_ids_bs, shard)` gets this device's arrays, the gathered ones in
-  the order of `balance_order`, and `shard`, its index on the axis.
+  Each device keeps its queries and all-gathers the whole row's keys, values,
+  positions and segment ids (MaxText's default; the gather's gradient is a
+  reduce-scatter). `fn(q_btnh, k_bskh, v_bskh, q_positions_bt, kv_positions_bs,
+  q_segment_ids_bt, kv_segment_ids_bs, shard)`: the gathered arrays in
+  `balance_order`, and `shard`, this device's index on the axis.
   """
   mesh = jax.sharding.get_abstract_mesh()
   # One name at a time: as one spec, a mesh axis named twice is dropped the second time.
@@ -449,6 +438,59 @@ def context_parallel(fn, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT):
     out_specs=q_spec,
     check_vma=False,
   )(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
+
+
+def expert_parallel(fn, x_BTD, routes: tuple, experts: tuple):
+  """A mixture-of-experts layer with its experts split over the expert axis.
+
+  The "ring of experts" of MaxText and Levanter, in collectives every backend
+  runs: each chip all-gathers the tokens (and routes) of its expert group,
+  computes what its own experts contribute, and the outputs are
+  reduce-scattered back to the tokens' chips. The expert weights (inputs
+  [E, D, F], then the output [E, F, D]) arrive split by expert, by model dim
+  over fsdp x sequence (gathered here, per layer, as FSDP does) and by hidden
+  dim over tensor (the output's partial sums are added over it).
+  `fn(x_btd, *routes_btr, *experts, first_expert)` returns the sum of this
+  chip's experts' contributions. Rows or a length that the mesh does not
+  divide (decoding one row) stay whole, and the outputs are summed instead.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if _is_local(mesh):
+    return fn(x_BTD, *routes, *experts, 0)
+  if experts[0].shape[0] % mesh.shape[EXPERT_AXIS]:
+    raise ValueError(
+      f'model.num_experts={experts[0].shape[0]} is not divisible by mesh '
+      f'expert={mesh.shape[EXPERT_AXIS]}; choose a multiple of it or change mesh.expert.'
+    )
+  B, T, _ = x_BTD.shape
+  rows = BATCH_AXES if B % batch_divisor(mesh) == 0 else None
+  length = SEQUENCE_AXIS if T % mesh.shape[SEQUENCE_AXIS] == 0 else None
+  model_axes = tuple(a for a in ('fsdp', SEQUENCE_AXIS) if mesh.shape[a] > 1)
+  model_dims = (1,) * (len(experts) - 1) + (2,)
+  gather = functools.partial(jax.lax.all_gather, axis=0, tiled=True)
+
+  def local(x_btd, *args):
+    routes_btr, experts_edf = args[: len(routes)], args[len(routes) :]
+    if model_axes:
+      experts_edf = [
+        gather(w, model_axes, axis=d) for w, d in zip(experts_edf, model_dims, strict=True)
+      ]
+    if rows is not None:  # The tokens of every chip of the expert group.
+      x_btd, routes_btr = gather(x_btd, EXPERT_AXIS), [gather(r, EXPERT_AXIS) for r in routes_btr]
+    first = jax.lax.axis_index(EXPERT_AXIS) * experts_edf[0].shape[0]
+    y_btd = jax.lax.psum(fn(x_btd, *routes_btr, *experts_edf, first), 'tensor')
+    if rows is None:
+      return jax.lax.psum(y_btd, EXPERT_AXIS)
+    return jax.lax.psum_scatter(y_btd, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+
+  tokens, inner = PartitionSpec(rows, length), model_axes or None
+  weights = [
+    PartitionSpec(EXPERT_AXIS, *((inner, 'tensor') if d == 1 else ('tensor', inner)))
+    for d in model_dims
+  ]
+  return jax.shard_map(
+    local, in_specs=(tokens, *(tokens,) * len(routes), *weights), out_specs=tokens
+  )(x_BTD, *routes, *experts)
 
 
 @contextlib.contextmanager

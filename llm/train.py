@@ -30,7 +30,7 @@ from llm import metrics as metrics_lib
 from llm.data import streams
 from llm.io import checkpoint
 from llm.io import workdir as workdir_lib
-from llm.model import ModelConfig, Transformer, param_shardings, resolve
+from llm.model import ModelConfig, Transformer, moe, param_shardings, resolve
 from llm.preemption import PREEMPTED_EXIT_CODE, PreemptedError, PreemptionFlag
 
 State = dict  # {'params', 'opt_state', 'step'}
@@ -49,6 +49,8 @@ def train_step(
   schedule: optax.Schedule,
   grad_accum: int = 1,
   z_loss: float = 0.0,
+  moe_aux_loss: float = 0.0,
+  router_z_loss: float = 0.0,
 ) -> tuple[State, dict]:
   """One optimizer update on the mean token loss of `batch`.
 
@@ -56,12 +58,16 @@ def train_step(
   are accumulated by a `lax.scan`, then divided by the batch's loss-token count:
   the same update as one pass over the whole batch, in 1/grad_accum of the
   activation memory. Microbatch k takes rows k, k+A, k+2A, ... so each stays
-  spread over every data-parallel device.
+  spread over every data-parallel device. The routing statistics of a mixture
+  of experts are means over the microbatches (zeros for a dense model).
   """
   params = state['params']
-  grad_fn = jax.value_and_grad(losses.train_sums, has_aux=True)
+  objective = functools.partial(
+    losses.train_sums, moe_aux_loss=moe_aux_loss, router_z_loss=router_z_loss
+  )
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   if grad_accum == 1:
-    (_, (nll, tokens)), grads = grad_fn(params, batch, cfg, z_loss)
+    (_, (nll, tokens, stats)), grads = grad_fn(params, batch, cfg, z_loss)
   else:
     micro = jax.tree.map(
       lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
@@ -72,12 +78,12 @@ def train_step(
     )
 
     def accumulate(carry, mb):
-      (_, (nll, tokens)), g = grad_fn(params, mb, cfg, z_loss)
-      acc_g, acc_nll, acc_tokens = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll, acc_tokens + tokens), None
+      (_, (nll, tokens, stats)), g = grad_fn(params, mb, cfg, z_loss)
+      return jax.tree.map(jnp.add, carry, (g, nll, tokens, stats)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, nll, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+    zeros = jax.tree.map(jnp.zeros_like, (params, 0.0, 0.0, moe.zero_stats()))
+    (grads, nll, tokens, stats), _ = jax.lax.scan(accumulate, zeros, micro)
+    stats = jax.tree.map(lambda s: s / grad_accum, stats)
 
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
@@ -90,6 +96,7 @@ def train_step(
     'param_norm': optax.tree.norm(params),
     'learning_rate': schedule(state['step']),
     'loss_tokens': tokens,
+    **stats,
   }
   return new_state, metrics
 
@@ -167,13 +174,20 @@ class Trainer:
     if config.batch_size % (accum * rows):
       raise ValueError(
         f'batch_size={config.batch_size} must be divisible by optim.grad_accum={accum} times '
-        f'the {rows} data-parallel shards of the mesh (data x fsdp).'
+        f'the {rows} data-parallel shards of the mesh (data x fsdp x expert).'
       )
     batch_shape = (config.batch_size, config.seq_len)
     shardings = state_shardings(model, tx, batch_shape, mesh, jax.random.key(config.seed))
     batch_shardings = sharding.batch_sharding(mesh)
     step = functools.partial(
-      train_step, cfg=model_cfg, tx=tx, schedule=schedule, grad_accum=accum, z_loss=config.z_loss
+      train_step,
+      cfg=model_cfg,
+      tx=tx,
+      schedule=schedule,
+      grad_accum=accum,
+      z_loss=config.z_loss,
+      moe_aux_loss=config.moe_aux_loss,
+      router_z_loss=config.router_z_loss,
     )
     step_fn = jax.jit(
       step,
@@ -291,6 +305,7 @@ class _Meter:
   def __init__(self, trainer: Trainer, writer: metrics_lib.Writer, start: int):
     c = trainer.config
     self._writer, self._start, self._total = writer, start, c.total_steps
+    self._dropped = () if trainer.model_cfg.num_experts else moe.STATS  # Zeros when dense.
     self._tokens = c.batch_size * c.seq_len
     self._flops = metrics_lib.train_flops_per_token(trainer.model_cfg, c.seq_len) * self._tokens
     peak = c.peak_flops or metrics_lib.device_peak_flops(trainer.model_cfg.dtype)
@@ -321,7 +336,7 @@ class _Meter:
     steps = step - self._last_step
     step_time = (now - self._last_time) / steps if steps else self._first_step_time
     self.last_row = {
-      **{k: float(v) for k, v in pending[-1][1].items()},
+      **{k: float(v) for k, v in pending[-1][1].items() if k not in self._dropped},
       'step_time': step_time,
       'tokens_per_second': self._tokens / step_time,
       'mfu': self._flops / step_time / self._peak,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm.model import ModelConfig, flash, kernels, splash
+from llm.model import ModelConfig, block, flash, kernels, splash
 
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # As in compile_test.py.
 
@@ -221,13 +221,12 @@ def test_a_kernel_the_platform_cannot_run_is_one_clear_error():
   'remat, saved', [('full', False), ('dots_saveable', True), ('minimal', True)]
 )
 def test_remat_policies_save_the_blockwise_residuals_by_name(remat, saved, capsys):
-  from llm.model import layers
 
   q, k, v, _, positions, segments = _case(32, 8, 'packed', 'float32')
   q = q.reshape(2, 32, K, G, 8)
   fn = jax.checkpoint(
     lambda q, k, v: flash.attention(q, k, v, positions, segments, causal=True, block=16).sum(),
-    policy=layers.REMAT_POLICIES[remat],
+    policy=block.REMAT_POLICIES[remat],
   )
   jax.ad_checkpoint.print_saved_residuals(fn, q, k, v)
   out = capsys.readouterr().out

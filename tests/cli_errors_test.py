@@ -74,6 +74,42 @@ CASES = [
   ),
   train('mesh does not divide', '--config.mesh.tensor=3', expect=('tensor',)),
   train(
+    'sequence axis does not split seq_len',
+    '--config.mesh.data=1',
+    '--config.mesh.sequence=8',
+    '--config.seq_len=24',
+    expect=('seq_len=24', 'mesh.sequence=8'),
+  ),
+  train(
+    'kernel the platform lacks',
+    '--config.model.attention_impl=splash',
+    expect=('splash', 'TPU'),
+  ),
+  train(
+    'more experts per token than experts',
+    '--config.model.num_experts=4',
+    '--config.model.experts_per_token=5',
+    expect=('experts_per_token=5', 'num_experts=4'),
+  ),
+  train(
+    'expert axis does not divide the experts',
+    '--config.model.num_experts=6',
+    '--config.mesh.data=2',
+    '--config.mesh.expert=4',
+    expect=('num_experts=6', 'expert=4'),
+  ),
+  train(
+    'negative capacity factor',
+    '--config.model.num_experts=4',
+    '--config.model.capacity_factor=-1',
+    expect=('capacity_factor=-1',),
+  ),
+  train(
+    'MoE field on a dense model',
+    '--config.model.num_shared_experts=1',
+    expect=('num_shared_experts=1', 'num_experts=0'),
+  ),
+  train(
     'vocab smaller than tokenizer',
     '--config.data.dataset=shakespeare',
     '--config.data.tokenizer=',

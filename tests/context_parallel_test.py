@@ -52,7 +52,7 @@ def _loss_and_grads(c, devices, params, batch, z_loss):
   )
   with sharding.rules_context(trainer.mesh):
     params = jax.device_put(params, trainer.shardings['params'])
-    (objective, (nll, tokens)), grads = grad_fn(params, batch, trainer.model_cfg)
+    (objective, (nll, tokens, _)), grads = grad_fn(params, batch, trainer.model_cfg)
   return float(objective), float(nll), float(tokens), jax.device_get(grads)
 
 
@@ -141,7 +141,7 @@ def test_weights_are_split_over_fsdp_and_sequence():
   c = tiny_config(seq_len=T, **MESHES[0])
   trainer = train.Trainer.create(c, jax.devices())
   spec = trainer.shardings['params']['layers']['mlp']['wi'].spec
-  assert spec == P(None, ('fsdp', 'sequence'), 'tensor')
+  assert spec == P(None, ('fsdp', 'sequence', 'expert'), 'tensor')
   assert isinstance(trainer.shardings['params']['embedding'], NamedSharding)
 
 

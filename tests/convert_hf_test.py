@@ -2,7 +2,8 @@
 
 The fixtures under tests/fixtures/hf/ were written by tests/make_hf_fixtures.py
 with transformers: tiny random GPT-2 and Llama (GQA, llama3 RoPE scaling,
-sharded) models and their logits on fixed input ids.
+sharded) models, and the mixtures of experts Mixtral and Qwen3-MoE (QK-norm,
+dense and sparse layers interleaved), and their logits on fixed input ids.
 """
 
 import dataclasses
@@ -56,7 +57,7 @@ def _random_params(cfg, seed=0):
   return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'llama'])
+@pytest.mark.parametrize('name', ['gpt2', 'llama', 'mixtral', 'qwen3_moe'])
 def test_fixture_logits_match_transformers(name):
   cfg, params = hf.load(os.path.join(FIXTURES, name))
   ids, want = _expected(name)
@@ -97,11 +98,28 @@ def test_unrolled_layout_and_bfloat16_params():
   assert params['embedding'].dtype == ml_dtypes.bfloat16
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'llama'])
+# config.json keys that export must write back as they were (the MoE fixtures have no tokenizer).
+_SAME_KEYS = {
+  'gpt2': ('bos_token_id', 'eos_token_id'),
+  'llama': ('bos_token_id', 'eos_token_id'),
+  'mixtral': ('num_local_experts', 'num_experts_per_tok', 'intermediate_size', 'head_dim'),
+  'qwen3_moe': (
+    'num_experts_per_tok',
+    'moe_intermediate_size',
+    'intermediate_size',
+    'head_dim',
+    'norm_topk_prob',
+    'mlp_only_layers',
+    'decoder_sparse_step',
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_SAME_KEYS))
 def test_hf_ours_hf_gives_identical_tensors(name, tmp_path):
   src = os.path.join(FIXTURES, name)
   cfg, params = hf.load(src)
-  hf.save(cfg, params, str(tmp_path), tokenizer=src)
+  hf.save(cfg, params, str(tmp_path), tokenizer=src if name in ('gpt2', 'llama') else None)
   before, after = _tensors(src), _tensors(str(tmp_path))
   assert sorted(before) == sorted(after)
   for n, w in before.items():
@@ -113,7 +131,7 @@ def test_hf_ours_hf_gives_identical_tensors(name, tmp_path):
     want = json.load(f)
   with open(tmp_path / 'config.json') as f:
     got = json.load(f)
-  for key in ('bos_token_id', 'eos_token_id', 'vocab_size', 'tie_word_embeddings'):
+  for key in ('vocab_size', 'tie_word_embeddings', *_SAME_KEYS[name]):
     assert got[key] == want[key], key
 
 
@@ -145,6 +163,47 @@ _CONFIGS = {
     use_bias=True,
     tie_embeddings=False,
     scan_layers=False,
+  ),
+  'mixtral_tied_mqa_unrolled': ModelConfig(
+    vocab_size=64,
+    d_model=16,
+    num_heads=2,
+    num_kv_heads=1,
+    d_ff=24,
+    tie_embeddings=True,
+    rope_theta=1e6,
+    num_experts=3,
+    experts_per_token=2,
+    scan_layers=False,
+  ),
+  'qwen3_moe_every_2': ModelConfig(
+    vocab_size=64,
+    num_layers=4,
+    d_model=16,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=12,
+    d_ff=40,
+    qk_norm=True,
+    num_experts=4,
+    experts_per_token=2,
+    moe_d_ff=8,
+    moe_every=2,
+    router_renormalize=False,
+  ),
+  'qwen3_moe_first_dense_tied': ModelConfig(
+    vocab_size=64,
+    num_layers=3,
+    d_model=16,
+    num_heads=2,
+    num_kv_heads=1,
+    d_ff=24,
+    qk_norm=True,
+    tie_embeddings=True,
+    num_experts=4,
+    experts_per_token=1,
+    moe_d_ff=16,
+    moe_first_dense=1,
   ),
   'gpt2_no_bias': ModelConfig(
     vocab_size=80,

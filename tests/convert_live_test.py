@@ -58,6 +58,25 @@ HF_CASES = {
     attention_bias=True,
     rope_parameters=dict(rope_type='linear', rope_theta=10000.0, factor=2.0),
   ),
+  'mixtral_tied_mqa_top1': lambda: fx.mixtral_config(
+    V,
+    num_hidden_layers=3,
+    num_key_value_heads=1,
+    head_dim=None,
+    num_local_experts=3,
+    num_experts_per_tok=1,
+    tie_word_embeddings=True,
+  ),
+  'qwen3_moe_step2_renormalised_bias_linear_rope': lambda: fx.qwen3_moe_config(
+    V,
+    num_hidden_layers=4,
+    mlp_only_layers=[],
+    decoder_sparse_step=2,
+    norm_topk_prob=True,
+    attention_bias=True,
+    tie_word_embeddings=True,
+    rope_parameters=dict(rope_type='linear', rope_theta=10000.0, factor=2.0),
+  ),
 }
 
 
@@ -111,6 +130,37 @@ OUR_CASES = {
     head_dim=12,
     d_ff=48,
     use_bias=True,
+    rope_scaling='llama3',
+    rope_scaling_factor=8.0,
+    rope_original_max_seq_len=32,
+  ),
+  'mixtral_wide_experts': ModelConfig(
+    vocab_size=V,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+    d_ff=64,
+    moe_d_ff=24,
+    num_experts=4,
+    experts_per_token=2,
+  ),
+  'qwen3_moe_first_dense_every_2': ModelConfig(
+    vocab_size=V,
+    num_layers=5,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    d_ff=48,
+    qk_norm=True,
+    num_experts=4,
+    experts_per_token=2,
+    moe_d_ff=24,
+    moe_first_dense=1,
+    moe_every=2,
+    router_renormalize=False,
     rope_scaling='llama3',
     rope_scaling_factor=8.0,
     rope_original_max_seq_len=32,
@@ -218,3 +268,15 @@ def test_tokenizers_survive_import_and_export(tmp_path):
       if kind == 'bpe':
         assert ours.encode(text) == want, text
     assert os.path.exists(os.path.join(out, 'config.json'))
+
+
+@pytest.mark.parametrize('name', ['mixtral', 'qwen3_moe'])
+def test_moe_through_the_convert_commands(name, tmp_path):
+  """HF dir -> `llm.convert import` (a params export) -> `export`: transformers' logits."""
+  src, ckpt, out = (str(tmp_path / d) for d in ('src', 'ckpt', 'out'))
+  config = fx.mixtral_config(V) if name == 'mixtral' else fx.qwen3_moe_config(V)
+  model = fx.build_model(src, config, seed=12)
+  commands.import_hf(src, ckpt, scan_layers=name == 'mixtral')
+  commands.export_hf(ckpt, out)
+  ids = fx.input_ids(V, seed=13, shape=(2, 12))
+  np.testing.assert_allclose(_theirs(out, ids), fx.logits(model, ids), atol=1e-4, rtol=0)

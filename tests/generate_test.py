@@ -39,6 +39,17 @@ GPT = ModelConfig(
 LLAMA = ModelConfig(
   vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=32
 )
+# A mixture of experts whose stack has all three kinds of runs: a dense first
+# layer, then units of a dense and a sparse layer (with a shared expert).
+MOE = dataclasses.replace(
+  LLAMA,
+  num_layers=5,
+  num_experts=4,
+  moe_d_ff=32,
+  num_shared_experts=1,
+  moe_first_dense=1,
+  moe_every=2,
+)
 FAMILIES = {'gpt': GPT, 'llama_gqa': LLAMA}
 PROMPTS = [[1, 5, 6], [1, 9, 10, 11, 12, 13, 14], [1, 20], [1, *range(30, 48)]]
 
@@ -73,13 +84,15 @@ def full_logits(cfg, params, rows):
   return np.asarray(jitted_apply(cfg)({'params': params}, tokens))
 
 
-@pytest.mark.parametrize('family, scan', [('gpt', True), ('llama_gqa', False)])
+@pytest.mark.parametrize(
+  'family, scan', [('gpt', True), ('llama_gqa', False), ('moe', True), ('moe', False)]
+)
 def test_cached_decoding_matches_full_recompute_on_a_mesh(family, scan):
-  cfg = dataclasses.replace(FAMILIES[family], scan_layers=scan)
+  cfg = dataclasses.replace({**FAMILIES, 'moe': MOE}[family], scan_layers=scan)
   mesh = mesh_of_8()
   host_params = params_of(dataclasses.replace(cfg, scan_layers=True))
   if not scan:
-    host_params = model_lib.unstack_layers(host_params, cfg.num_layers)
+    host_params = model_lib.unstack_layers(host_params, cfg)
   params = generate.place_params(cfg, host_params, mesh)
   lengths = np.array([len(p) for p in PROMPTS], np.int32)
   P, steps = generate.bucket_length(lengths.max(), cfg.max_seq_len), 6
@@ -109,6 +122,7 @@ def test_cached_decoding_matches_full_recompute_on_a_mesh(family, scan):
       logits, cache = step(params, fed[:, s], lengths + s, cache)
       cached.append(logits[:, 0])
   # The cache is laid out like the activations: rows over data x fsdp, kv heads over tensor.
+  # (XLA leaves the mesh's size-1 axes, here sequence and expert, out of the spec.)
   assert cache['k'].sharding.spec == PartitionSpec(None, ('data', 'fsdp'), None, 'tensor')
   full = full_logits(cfg, host_params, [p + fed[b].tolist() for b, p in enumerate(PROMPTS)])
   for s, got in enumerate(cached):

@@ -99,7 +99,7 @@ def _assert_close(got, want):
 )
 def test_chunked_loss_and_gradients_equal_the_whole_logits(name, chunk):
   cfg, params, batch = CONFIGS[name], _params(name), _batch(name)
-  (objective, (nll, tokens)), grads = _train(cfg, chunk)(params, batch)
+  (objective, (nll, tokens, _)), grads = _train(cfg, chunk)(params, batch)
   ((objective_1, (nll_1, tokens_1)), grads_1), _ = _whole(name)
   assert float(tokens) == float(tokens_1) == float(batch['loss_mask'].sum())
   assert float(objective - nll) > 1e-2 * float(nll)  # The z-loss term is there.

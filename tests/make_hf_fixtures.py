@@ -6,6 +6,7 @@ transformers produces; CI has no torch, so this script records them once:
   pip install torch==2.13.0 transformers sentencepiece protobuf  # a separate env is fine
   python tests/make_hf_fixtures.py        # everything
   python tests/make_hf_fixtures.py bert   # only bert_tiny* (the others stay as they are)
+  python tests/make_hf_fixtures.py moe    # only mixtral* and qwen3_moe*
 
 It writes, from fixed seeds and no downloads:
 
@@ -23,6 +24,12 @@ It writes, from fixed seeds and no downloads:
   bert_tiny_expected.npz  input_ids, attention_mask (right padding) and
               token_type_ids [3, 12], and the model's float32 MLM logits.
   bert_tiny_cases.json  strings ([MASK] among them) and transformers' ids for them.
+  mixtral/    MixtralForCausalLM: 2 layers, 4 experts (top 2, renormalised),
+              grouped-query attention, head_dim != d_model / num_heads; no tokenizer.
+  qwen3_moe/  Qwen3MoeForCausalLM: 5 layers, mlp_only_layers [0, 1, 3] (so dense,
+              dense, sparse, dense, sparse: moe_first_dense=1, moe_every=2), 4
+              experts (top 2, norm_topk_prob false), QK-norm, head_dim 16; no tokenizer.
+  mixtral_expected.npz, qwen3_moe_expected.npz  input_ids [2, 16] and float32 logits.
 
 Every weight, norm scales and biases included, is redrawn at random so that a
 swapped or mis-laid-out tensor changes the logits. The live test
@@ -230,6 +237,65 @@ def llama_config(vocab_size: int, **overrides) -> transformers.LlamaConfig:
   return transformers.LlamaConfig(**fields)
 
 
+def mixtral_config(vocab_size: int, **overrides) -> transformers.MixtralConfig:
+  fields = dict(
+    vocab_size=vocab_size,
+    hidden_size=32,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    rope_parameters=dict(rope_type='default', rope_theta=1e6),
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  fields.update(overrides)
+  return transformers.MixtralConfig(**fields)
+
+
+def qwen3_moe_config(vocab_size: int, **overrides) -> transformers.Qwen3MoeConfig:
+  fields = dict(
+    vocab_size=vocab_size,
+    hidden_size=32,
+    intermediate_size=40,
+    moe_intermediate_size=16,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    num_experts=4,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+    mlp_only_layers=[0, 1, 3],
+    decoder_sparse_step=1,
+    rope_parameters=dict(rope_type='default', rope_theta=1e6),
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  fields.update(overrides)
+  return transformers.Qwen3MoeConfig(**fields)
+
+
+def make_moe() -> None:
+  """mixtral/, qwen3_moe/ and their *_expected.npz: the mixture-of-experts families."""
+  for name, config, seed in (
+    ('mixtral', mixtral_config(96), 11),
+    ('qwen3_moe', qwen3_moe_config(96), 13),
+  ):
+    out = os.path.join(FIXTURES, name)
+    shutil.rmtree(out, ignore_errors=True)
+    model = build_model(out, config, seed=seed)
+    ids = input_ids(96, seed=seed + 1)
+    np.savez(
+      os.path.join(FIXTURES, f'{name}_expected.npz'), input_ids=ids, logits=logits(model, ids)
+    )
+
+
 def bert_config(vocab_size: int, **overrides) -> transformers.BertConfig:
   fields = dict(
     vocab_size=vocab_size,
@@ -349,6 +415,9 @@ def main(argv):
   if argv[1:] == ['bert']:
     make_bert()
     return
+  if argv[1:] == ['moe']:
+    make_moe()
+    return
   shutil.rmtree(FIXTURES, ignore_errors=True)
   os.makedirs(FIXTURES)
   cases = dict(strings=AWKWARD_STRINGS)
@@ -382,6 +451,7 @@ def main(argv):
   with open(os.path.join(FIXTURES, 'tokenizer_cases.json'), 'w') as f:
     json.dump(cases, f, indent=1, ensure_ascii=False)
   make_bert()
+  make_moe()
 
   total = sum(
     os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(FIXTURES) for n in names

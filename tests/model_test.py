@@ -88,11 +88,9 @@ def test_scan_and_unrolled_layers_agree(cfg):
   params, tokens = _init(cfg)
   unrolled = dataclasses.replace(cfg, scan_layers=False)
   loss_s, grads_s = _loss_and_grads(cfg, params, tokens)
-  loss_u, grads_u = _loss_and_grads(
-    unrolled, model_lib.unstack_layers(params, cfg.num_layers), tokens
-  )
+  loss_u, grads_u = _loss_and_grads(unrolled, model_lib.unstack_layers(params, cfg), tokens)
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  grads_u = model_lib.stack_layers(grads_u)
+  grads_u = model_lib.stack_layers(grads_u, cfg)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_s, grads_u
   )

@@ -77,6 +77,7 @@ def _stdout(cell) -> str:
   return ''.join(o.text for o in cell.outputs if o.output_type == 'stream' and o.name == 'stdout')
 
 
+@pytest.mark.slow  # Minutes: installs the wheel and runs every cell; -m slow runs it.
 def test_quickstart_notebook_runs_from_the_wheel(built, tmp_path, monkeypatch):
   wheel, _ = built
   site = tmp_path / 'site'

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from llm import sharding
-from llm.model import attention, splash
+from llm.model import attention, block, splash
 from tests.attention_kernels_test import TOLERANCE, _rows
 
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # As in compile_test.py.
@@ -127,13 +127,12 @@ def test_remat_under_the_switch_saves_what_one_kernel_saves(remat, capsys):
   ('minimal', like the one-device `splash.attention`, keeps the kernel's
   output and log-sum-exp; 'full' keeps nothing but the arguments.)
   """
-  from llm.model import layers
 
   q, k, v, _, _, segments = _case(2, 1, 64, 'float32')
   kernel = functools.partial(splash.context_attention, shards=2, causal=True, interpret=True)
   fn = jax.checkpoint(
     lambda q, k, v: kernel(q, k, v, segments[:, : 2 * C], segments, jnp.int32(1)).sum(),
-    policy=layers.REMAT_POLICIES[remat],
+    policy=block.REMAT_POLICIES[remat],
   )
   jax.ad_checkpoint.print_saved_residuals(fn, q[:, : 2 * C], k, v)
   saved = [

@@ -68,7 +68,7 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
   c = tiny_config(**{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
   trainer, state, _ = _losses(c, jax.devices(), n=1)
   params = state['params']
-  fsdp = ('fsdp', 'sequence')  # Size 1 here; tests/context_parallel_test.py splits it.
+  fsdp = ('fsdp', 'sequence', 'expert')  # sequence and expert split it elsewhere.
   expected = {
     'embedding': P('tensor', fsdp),
     'unembed': P(fsdp, 'tensor'),

@@ -103,18 +103,22 @@ def test_a_lock_left_by_kill_9_is_taken_over(tiny, tmp_path):
   assert not (run / 'lock.json').exists()
 
 
-def _flip_bytes(step_dir: pathlib.Path) -> pathlib.Path:
-  """Flips a byte in every KiB of the step's largest array file.
+def _flip_bytes(step_dir: pathlib.Path) -> None:
+  """Flips a byte in every KiB of each of the step's array data files.
 
-  Spread out, because an OCDBT data file may also hold bytes no array reads.
+  Spread out, because an OCDBT data file may also hold bytes no array reads;
+  and in every file of 4 KiB or more (the arrays; the B-tree's nodes are
+  smaller), because which file holds the params (all that `llm.generate`
+  reads) rather than the optimizer state varies from save to save.
   """
   files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
-  target = max(files, key=lambda p: p.stat().st_size)
-  data = bytearray(target.read_bytes())
-  for i in range(512, len(data), 1024):
-    data[i] ^= 0xFF
-  target.write_bytes(bytes(data))
-  return target
+  files = [p for p in files if p.parent.name == 'd' and p.stat().st_size >= 4096]
+  assert files, sorted(str(p) for p in (step_dir / 'state').rglob('*'))
+  for target in files:
+    data = bytearray(target.read_bytes())
+    for i in range(512, len(data), 1024):
+      data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
 
 
 def test_a_corrupt_checkpoint_is_refused_and_an_older_one_resumed_on_request(tiny, tmp_path):

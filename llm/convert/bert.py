@@ -107,6 +107,8 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
       ('causal', False),
       ('norm_position', 'post'),
       ('head', 'mlm'),
+      ('num_experts', 0),
+      ('qk_norm', False),
       ('num_kv_heads', cfg.num_heads),
     )
     if getattr(cfg, field) != want
@@ -156,9 +158,9 @@ def _strip(name: str) -> str:
   return name
 
 
-def expected_names(hf: dict, cfg: ModelConfig) -> set[str]:
+def expected_names(hf: dict, cfg: ModelConfig, present: frozenset[str]) -> set[str]:
   """Tensor names (prefix stripped, LayerNorm names modern) a checkpoint must hold."""
-  del hf
+  del hf, present  # One layout, whatever the config.
   wb = ('weight', 'bias')
   names = {
     'embeddings.word_embeddings.weight',

@@ -85,6 +85,8 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
       ('norm_position', 'pre'),
       ('type_vocab_size', 0),
       ('head', 'lm'),
+      ('num_experts', 0),
+      ('qk_norm', False),
       ('num_kv_heads', cfg.num_heads),
     )
     if getattr(cfg, field) != want
@@ -124,9 +126,9 @@ def _strip(name: str) -> str:
   return name.removeprefix('transformer.')
 
 
-def expected_names(hf: dict, cfg: ModelConfig) -> set[str]:
+def expected_names(hf: dict, cfg: ModelConfig, present: frozenset[str]) -> set[str]:
   """Tensor names (prefix stripped) a checkpoint with this config must hold."""
-  del hf
+  del hf, present  # One layout, whatever the config.
   names = {'wte.weight', 'wpe.weight', 'ln_f.weight', 'ln_f.bias'}
   if not cfg.tie_embeddings:
     names.add('lm_head.weight')

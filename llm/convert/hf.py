@@ -3,11 +3,18 @@
 A directory is `config.json` plus `model.safetensors` (or shards named by
 `model.safetensors.index.json`) plus tokenizer files. Supported architectures
 are `GPT2LMHeadModel` (`llm/convert/gpt2.py`), `LlamaForCausalLM`
-(`llm/convert/llama.py`) and `BertForMaskedLM` (`llm/convert/bert.py`, which
-also reads BertForPreTraining); each family module maps tensor names and
+(`llm/convert/llama.py`), `BertForMaskedLM` (`llm/convert/bert.py`, which
+also reads BertForPreTraining), and the mixtures of experts
+`MixtralForCausalLM` (`llm/convert/mixtral.py`) and `Qwen3MoeForCausalLM`
+(`llm/convert/qwen3_moe.py`); each family module maps tensor names and
 layouts both ways. This module does what is common: it checks the tensor inventory before
 reading any data, converts one tensor at a time into preallocated arrays (so a
 large model is held once, plus one tensor), and writes shard by shard.
+
+A family names a layer's tensors by layer index and a path inside the layer
+(('attn', 'q'), or ('moe', 'wi', j) for expert j alone); `_layer_slots`
+says where layer i lives in the scan layout, whose runs of identical layers
+(`llm/model/block.py:groups`) stack each parameter on a leading axis.
 
 Parameters come back as host numpy arrays: the caller places them on its mesh.
 """
@@ -23,11 +30,12 @@ import numpy as np
 import tqdm
 
 from llm import model as model_lib
-from llm.convert import bert, gpt2, llama, safetensors_io
+from llm.convert import bert, gpt2, llama, mixtral, qwen3_moe, safetensors_io
 from llm.data import hf_tokenizer as tokenizer_lib
 from llm.model import ModelConfig
+from llm.model import block as block_lib
 
-_MODULES = (gpt2, llama, bert)
+_MODULES = (gpt2, llama, bert, mixtral, qwen3_moe)
 FAMILIES = {m.ARCHITECTURE: m for m in _MODULES} | dict.fromkeys(bert.OTHER_ARCHITECTURES, bert)
 _BY_MODEL_TYPE = {m.MODEL_TYPE: m for m in _MODULES}
 # ModelConfig fields that change how the model runs, not what it computes.
@@ -101,6 +109,27 @@ def _leaf(tree: dict, path: tuple):
   return tree
 
 
+def _layer_slots(cfg: ModelConfig) -> list[tuple[tuple[str, ...], int]]:
+  """Where each layer lives in the scan layout: (its params' prefix, index on their leading axis).
+
+  A dense model's layer i is ('layers',), i; with moe_first_dense=k the first k
+  are ('dense_layers',), i, and with moe_every=n each unit of n blocks holds
+  layer i as ('layers', f'block_{j}'), g.
+  """
+  slots = []
+  for group in block_lib.groups(cfg):
+    n = len(group.sparse)
+    for g in range(group.repeats):
+      slots += [((group.name,) if n == 1 else (group.name, f'block_{j}'), g) for j in range(n)]
+  return slots
+
+
+def _split(ours: tuple) -> tuple[tuple, tuple]:
+  """A family's path -> (dict keys, trailing indices into the leaf, e.g. an expert)."""
+  keys = tuple(k for k in ours if isinstance(k, str))
+  return keys, ours[len(keys) :]
+
+
 def _paths(tree: dict, prefix=()) -> list[tuple]:
   out = []
   for key, value in tree.items():
@@ -125,7 +154,7 @@ def load(hf_dir: str, **overrides) -> tuple[ModelConfig, dict]:
       raise ValueError(f'{hf_dir} holds the same tensor twice: {present[canonical]} and {name}.')
     if canonical is not None:
       present[canonical] = name
-  expected = family.expected_names(hf, cfg)
+  expected = family.expected_names(hf, cfg, frozenset(present))
   missing, unexpected = sorted(expected - set(present)), sorted(set(present) - expected)
   if missing:
     raise ValueError(f'{hf_dir} lacks tensors its config.json needs: {missing}.')
@@ -136,7 +165,7 @@ def load(hf_dir: str, **overrides) -> tuple[ModelConfig, dict]:
     )
 
   params = _zeros_like(_shapes(cfg), _NP_DTYPES[cfg.param_dtype])
-  written = set()
+  slots, written = _layer_slots(cfg), set()
   # Progress on a terminal only (disable=None): a 70B import takes minutes.
   bar = tqdm.tqdm(total=len(present), desc=f'Importing {hf_dir}', unit='tensor', disable=None)
   for path in files:
@@ -146,26 +175,29 @@ def load(hf_dir: str, **overrides) -> tuple[ModelConfig, dict]:
         continue
       bar.update()
       for ours, layer, piece in family.to_ours(canonical, w, cfg):
-        full = ours if layer is None else ('layers', *ours)
+        keys, index = _split(ours)
+        prefix, unit = ((), None) if layer is None else slots[layer]
+        full = (*prefix, *keys)
         dest = _leaf(params, full)
-        if layer is not None:
-          dest = dest[layer]
+        for i in () if unit is None else (unit, *index):
+          dest = dest[i]
         if dest.shape != piece.shape:
           raise ValueError(
             f'Tensor {name} has shape {w.shape}, which does not fit {"/".join(full)} '
             f'{dest.shape} of the model its config.json describes.'
           )
         dest[...] = piece
-        written.add((full, layer))
+        written.add((full, unit))
   bar.close()
+  stacked = {g.name for g in block_lib.groups(cfg)}
   for full in _paths(params):
-    layers = range(cfg.num_layers) if full[0] == 'layers' else [None]
-    unwritten = [i for i in layers if (full, i) not in written]
+    units = range(_leaf(params, full).shape[0]) if full[0] in stacked else [None]
+    unwritten = [i for i in units if (full, i) not in written]
     # Biases Hugging Face does not have (e.g. Llama's mlp_bias=False) stay zero.
     if unwritten and not full[-1].endswith('_bias'):
-      raise AssertionError(f'Conversion left {"/".join(full)} unwritten (layers {unwritten}).')
+      raise AssertionError(f'Conversion left {"/".join(full)} unwritten (units {unwritten}).')
   if not cfg.scan_layers:
-    params = model_lib.unstack_layers(params, cfg.num_layers)
+    params = model_lib.unstack_layers(params, cfg)
   return cfg, params
 
 
@@ -220,6 +252,33 @@ def _existing_model(hf_dir: str) -> list[str]:
   )
 
 
+def _getter(cfg: ModelConfig, params: dict, scanned: bool, np_dtype):
+  """`get(path, layer)`: one of our tensors (layer None: outside the layers) as numpy.
+
+  Reads either layout; biases the model has not got (use_bias=False) read as zeros.
+  """
+  zero_shapes, slots = _shapes(cfg, use_bias=True), _layer_slots(cfg)
+
+  def get(path: tuple, layer: int | None) -> np.ndarray:
+    keys, index = _split(path)
+    prefix, unit = ((), None) if layer is None else slots[layer]
+    # Only the use_bias biases can be absent (the MLM head's unembed_bias never is).
+    if not cfg.use_bias and keys[-1].endswith('_bias') and keys[-1] != 'unembed_bias':
+      shape = _leaf(zero_shapes, (*prefix, *keys)).shape
+      return np.zeros(shape if layer is None else shape[1:], np_dtype)
+    if layer is None:
+      x = _leaf(params, keys)
+    elif scanned:
+      x = _leaf(params, (*prefix, *keys))[unit]
+    else:
+      x = _leaf(params[f'layers_{layer}'], keys)
+    for i in index:
+      x = x[i]
+    return np.asarray(x).astype(np_dtype, copy=False)
+
+  return get
+
+
 def save(
   cfg: ModelConfig,
   params: dict,
@@ -232,7 +291,7 @@ def save(
   """Exports (cfg, params) as a Hugging Face model directory that `from_pretrained` loads.
 
   Args:
-    cfg: the model's config; picks GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM.
+    cfg: the model's config; picks the one architecture of `FAMILIES` that computes it.
     params: boxed or unboxed, scan or unrolled layout, numpy or jax arrays.
     hf_dir: created if needed; must not already hold a model.
     tokenizer: a `load_tokenizer` result or a directory holding Hugging Face
@@ -252,27 +311,12 @@ def save(
   params = _as_dicts(nn.unbox(params))
   scanned = 'layers' in params
   _check_shapes(cfg, params, scanned)
-  zero_shapes = _shapes(cfg, use_bias=True)
-  np_dtype = _NP_DTYPES[dtype]
-
-  def get(path: tuple, layer: int | None) -> np.ndarray:
-    full = path if layer is None else ('layers', *path)
-    # Only the use_bias biases can be absent (the MLM head's unembed_bias never is).
-    if not cfg.use_bias and path[-1].endswith('_bias') and path[-1] != 'unembed_bias':
-      shape = _leaf(zero_shapes, full).shape
-      return np.zeros(shape if layer is None else shape[1:], np_dtype)
-    if layer is None:
-      x = _leaf(params, path)
-    elif scanned:
-      x = _leaf(params['layers'], path)[layer]
-    else:
-      x = _leaf(params[f'layers_{layer}'], path)
-    return np.asarray(x).astype(np_dtype, copy=False)
+  get = _getter(cfg, params, scanned, _NP_DTYPES[dtype])
 
   def nonzero(module: str, names: tuple[str, ...]) -> bool:
-    return cfg.use_bias and any(
-      np.any(get((module, n), i) != 0) for n in names for i in range(cfg.num_layers)
-    )
+    # Sparse layers have no 'mlp' (their experts have no biases).
+    layers = [i for i, s in enumerate(cfg.sparse_layers()) if module == 'attn' or not s]
+    return cfg.use_bias and any(np.any(get((module, n), i) != 0) for n in names for i in layers)
 
   biases = {
     'attn': nonzero('attn', ('q_bias', 'k_bias', 'v_bias', 'o_bias')),

@@ -12,6 +12,9 @@ down_proj -> wo. `use_bias` gives biases to q, k, v, o, wi and wo but not wg;
 Hugging Face's `attention_bias` / `mlp_bias` are separate switches and
 `mlp_bias` also biases gate_proj, so a nonzero gate_proj bias cannot be
 imported, and export writes only the bias groups that are nonzero.
+
+Mixtral and Qwen3-MoE reuse the attention, norm and dense-MLP mappings here;
+with `qk_norm` (Qwen3) `self_attn.{q,k}_norm.weight` are attn/{q,k}_norm/scale.
 """
 
 import re
@@ -34,19 +37,19 @@ _NORMS = {'input_layernorm.weight': 'attn_norm', 'post_attention_layernorm.weigh
 _ROPE_TYPES = ('default', 'linear', 'llama3')
 
 
-def _rope_fields(hf: dict) -> dict:
+def rope_fields(hf: dict, family: str = 'Llama', default_theta: float = 10000.0) -> dict:
   """RoPE fields from either config format: transformers 4 (`rope_theta`, `rope_scaling`)
-  or 5 (`rope_parameters` holding both)."""
+  or 5 (`rope_parameters` holding both); Mixtral and Qwen3-MoE share Llama's."""
   rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
-  theta = rope.get('rope_theta', hf.get('rope_theta', 10000.0))
+  theta = rope.get('rope_theta', hf.get('rope_theta', default_theta))
   kind = rope.get('rope_type', rope.get('type', 'default'))
   if kind not in _ROPE_TYPES:
     raise ValueError(
-      f'Llama rope type {kind!r} is not supported; supported: {", ".join(_ROPE_TYPES)}.'
+      f'{family} rope type {kind!r} is not supported; supported: {", ".join(_ROPE_TYPES)}.'
     )
   partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
   if partial != 1.0:
-    raise ValueError(f'Llama partial_rotary_factor={partial} is not supported; only 1.0 is.')
+    raise ValueError(f'{family} partial_rotary_factor={partial} is not supported; only 1.0 is.')
   fields = dict(rope_theta=float(theta))
   if kind == 'default':
     return fields
@@ -85,7 +88,7 @@ def config_from_hf(hf: dict) -> dict:
     use_bias=bool(hf.get('attention_bias', False) or hf.get('mlp_bias', False)),
     tie_embeddings=hf.get('tie_word_embeddings', False),
     init_std=hf.get('initializer_range', 0.02),
-    **_rope_fields(hf),
+    **rope_fields(hf),
   )
 
 
@@ -101,6 +104,8 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
       ('norm_position', 'pre'),
       ('type_vocab_size', 0),
       ('head', 'lm'),
+      ('num_experts', 0),
+      ('qk_norm', False),
     )
     if getattr(cfg, field) != want
   ]
@@ -111,8 +116,8 @@ def check_exportable(cfg: ModelConfig) -> list[str]:
   return reasons
 
 
-def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
-  """A Llama `config.json`, in the transformers 4 RoPE format that transformers 5 also reads."""
+def rope_to_hf(cfg: ModelConfig) -> dict:
+  """`rope_theta` and `rope_scaling` in the transformers 4 format, which transformers 5 reads."""
   rope_scaling = None
   if cfg.rope_scaling == 'linear':
     rope_scaling = dict(rope_type='linear', factor=cfg.rope_scaling_factor)
@@ -124,6 +129,11 @@ def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
       high_freq_factor=cfg.rope_high_freq_factor,
       original_max_position_embeddings=cfg.rope_original_max_seq_len,
     )
+  return dict(rope_theta=cfg.rope_theta, rope_scaling=rope_scaling)
+
+
+def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
+  """A Llama `config.json`, in the transformers 4 RoPE format that transformers 5 also reads."""
   return dict(
     architectures=[ARCHITECTURE],
     model_type=MODEL_TYPE,
@@ -136,8 +146,7 @@ def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
     head_dim=cfg.head_dim,
     max_position_embeddings=cfg.max_seq_len,
     rms_norm_eps=cfg.norm_eps,
-    rope_theta=cfg.rope_theta,
-    rope_scaling=rope_scaling,
+    **rope_to_hf(cfg),
     hidden_act='silu',
     attention_bias=biases['attn'],
     mlp_bias=biases['mlp'],
@@ -146,20 +155,32 @@ def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
   )
 
 
-def expected_names(hf: dict, cfg: ModelConfig) -> set[str]:
-  """Tensor names a checkpoint with this config must hold."""
-  names = {'model.embed_tokens.weight', 'model.norm.weight'}
-  if not cfg.tie_embeddings:
-    names.add('lm_head.weight')
-  per_layer = [*_NORMS]
-  per_layer += [f'self_attn.{k}_proj.weight' for k in _ATTN]
-  per_layer += [f'mlp.{m}.weight' for m in _MLP]
-  if hf.get('attention_bias', False):
-    per_layer += [f'self_attn.{k}_proj.bias' for k in _ATTN]
+def expected_names(hf: dict, cfg: ModelConfig, present: frozenset[str]) -> set[str]:
+  """Tensor names a checkpoint with this config must hold (`present`: unused, one layout)."""
+  del present
+  names = outer_names(cfg)
+  per_layer = attention_names(hf, cfg) + [f'mlp.{m}.weight' for m in _MLP]
   if hf.get('mlp_bias', False):
     per_layer += [f'mlp.{m}.bias' for m in _MLP]
   for i in range(cfg.num_layers):
     names.update(f'model.layers.{i}.{n}' for n in per_layer)
+  return names
+
+
+def outer_names(cfg: ModelConfig) -> set[str]:
+  """The tensors outside the layers: embedding, final norm, and untied, lm_head."""
+  return {'model.embed_tokens.weight', 'model.norm.weight'} | (
+    set() if cfg.tie_embeddings else {'lm_head.weight'}
+  )
+
+
+def attention_names(hf: dict, cfg: ModelConfig) -> list[str]:
+  """A layer's norms and attention tensors, relative to `model.layers.{i}.`."""
+  names = [*_NORMS, *(f'self_attn.{k}_proj.weight' for k in _ATTN)]
+  if hf.get('attention_bias', False):
+    names += [f'self_attn.{k}_proj.bias' for k in _ATTN]
+  if cfg.qk_norm:
+    names += ['self_attn.q_norm.weight', 'self_attn.k_norm.weight']
   return names
 
 
@@ -186,6 +207,8 @@ def to_ours(
   if rest in _NORMS:
     return [((_NORMS[rest], 'scale'), i, w)]
   module, proj, param = rest.split('.')
+  if proj in ('q_norm', 'k_norm'):
+    return [(('attn', proj, 'scale'), i, w)]
   if module == 'self_attn':
     k = proj[0]
     heads = cfg.num_heads if k in 'qo' else cfg.num_kv_heads
@@ -214,24 +237,48 @@ def to_hf(
 
   `biases['attn']` / `biases['mlp']` say which bias groups to write.
   """
-  D = cfg.d_model
   yield 'model.embed_tokens.weight', get(('embedding',), None)
   for i in range(cfg.num_layers):
-    p = f'model.layers.{i}.'
-    yield p + 'input_layernorm.weight', get(('attn_norm', 'scale'), i)
-    for k in _ATTN:
-      w = get(('attn', k), i)
-      w = w.reshape(-1, D).T if k == 'o' else w.reshape(D, -1).T
-      yield p + f'self_attn.{k}_proj.weight', w
-      if biases['attn']:
-        yield p + f'self_attn.{k}_proj.bias', get(('attn', f'{k}_bias'), i).reshape(-1)
-    yield p + 'post_attention_layernorm.weight', get(('mlp_norm', 'scale'), i)
-    for proj, ours in _MLP.items():
-      w = get(('mlp', ours), i)
-      yield p + f'mlp.{proj}.weight', w.T
-      if biases['mlp']:
-        bias = np.zeros(w.shape[1], w.dtype) if ours == 'wg' else get(('mlp', f'{ours}_bias'), i)
-        yield p + f'mlp.{proj}.bias', bias
+    yield from attention_to_hf(cfg, get, biases, i)
+    yield from mlp_to_hf(get, biases, i)
+  yield from head_to_hf(cfg, get)
+
+
+def attention_to_hf(
+  cfg: ModelConfig, get: Callable[[tuple, int | None], np.ndarray], biases: dict, i: int
+) -> Iterator[tuple[str, np.ndarray]]:
+  """Layer i's norms and attention (with Qwen3's QK-norm when `cfg.qk_norm`)."""
+  D, p = cfg.d_model, f'model.layers.{i}.'
+  yield p + 'input_layernorm.weight', get(('attn_norm', 'scale'), i)
+  for k in _ATTN:
+    w = get(('attn', k), i)
+    w = w.reshape(-1, D).T if k == 'o' else w.reshape(D, -1).T
+    yield p + f'self_attn.{k}_proj.weight', w
+    if biases['attn']:
+      yield p + f'self_attn.{k}_proj.bias', get(('attn', f'{k}_bias'), i).reshape(-1)
+  if cfg.qk_norm:
+    for k in 'qk':
+      yield p + f'self_attn.{k}_norm.weight', get(('attn', f'{k}_norm', 'scale'), i)
+  yield p + 'post_attention_layernorm.weight', get(('mlp_norm', 'scale'), i)
+
+
+def mlp_to_hf(
+  get: Callable[[tuple, int | None], np.ndarray], biases: dict, i: int
+) -> Iterator[tuple[str, np.ndarray]]:
+  """Layer i's dense SwiGLU MLP."""
+  p = f'model.layers.{i}.'
+  for proj, ours in _MLP.items():
+    w = get(('mlp', ours), i)
+    yield p + f'mlp.{proj}.weight', w.T
+    if biases['mlp']:
+      bias = np.zeros(w.shape[1], w.dtype) if ours == 'wg' else get(('mlp', f'{ours}_bias'), i)
+      yield p + f'mlp.{proj}.bias', bias
+
+
+def head_to_hf(
+  cfg: ModelConfig, get: Callable[[tuple, int | None], np.ndarray]
+) -> Iterator[tuple[str, np.ndarray]]:
+  """The final norm and, untied, the output projection."""
   yield 'model.norm.weight', get(('final_norm', 'scale'), None)
   if not cfg.tie_embeddings:
     yield 'lm_head.weight', get(('unembed',), None).T

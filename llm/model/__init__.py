@@ -7,7 +7,9 @@ Dims legend, used in tensor names (`x_BTD`) and einsum strings everywhere:
   F  MLP hidden width (d_ff)    N  query heads
   K  key/value heads            G  query heads per kv head (N // K)
   H  head dim                   V  vocabulary
-  L  layers
+  L  layers                     E  experts
+  R  routes per token (top k)   C  capacity slots per expert and row
+  M  tokens flattened (B x T)   P  token copies (M x R), sorted by expert
 
 One `Transformer` covers every family by configuration, from shared blocks:
 GPT-2/GPT-3 (learned positions, LayerNorm, GELU, biases, tied embeddings),
@@ -20,11 +22,12 @@ the output: next-token logits ('lm'), masked-LM logits ('mlm'), or
 Presets with published shapes are in `experiments/presets.py`.
 
 Modules: `transformer` (the model, its KV cache, parameter layouts), `layers`
-(norms, RoPE, attention and MLP blocks), `attention` (masks and the reference
-computation), `kernels` (backend-specific implementations, chosen from the
-mesh's platform), `flash` and `splash` (memory-efficient attention: blockwise in
-plain JAX, and the Pallas TPU kernel). `ModelConfig` lives in `llm/config.py`,
-the floor below.
+(norms, RoPE, attention and MLP layers), `block` (the residual block, remat, the
+runs of layers the stack scans), `moe` (the mixture-of-experts MLP),
+`attention` (masks and the reference computation), `kernels` (backend-specific
+implementations, chosen from the mesh's platform), `flash` and `splash`
+(memory-efficient attention: blockwise in plain JAX, and the Pallas TPU
+kernel). `ModelConfig` lives in `llm/config.py`, the floor below.
 """
 
 from llm.config import ModelConfig
@@ -33,6 +36,7 @@ from llm.model.transformer import (
   CACHE_AXES,
   Transformer,
   abstract_params,
+  count_active_params,
   count_params,
   init_cache,
   param_shardings,
@@ -45,6 +49,7 @@ __all__ = [
   'ModelConfig',
   'Transformer',
   'abstract_params',
+  'count_active_params',
   'count_params',
   'init_cache',
   'param_shardings',

@@ -20,7 +20,7 @@ no gradient.
 
 Remat: the forward pass names its output and log-sum-exp 'attention_out' and
 'attention_lse' (`jax.ad_checkpoint.checkpoint_name`); a policy saving those
-names (layers.REMAT_POLICIES 'dots_saveable' and 'minimal') spares the
+names (block.REMAT_POLICIES 'dots_saveable' and 'minimal') spares the
 backward pass a second run of the forward loop. Everything inside the loops is
 recomputed whatever the policy.
 

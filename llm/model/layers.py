@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm import config as config_lib
 from llm.config import ModelConfig
 from llm.model import kernels
 
@@ -168,6 +167,10 @@ class Attention(nn.Module):
       q_BTNH += _param(self, 'q_bias', (N, H), ('heads', 'head_dim'), zeros, cfg).astype(dt)
       k_BTKH += _param(self, 'k_bias', (K, H), ('kv_heads', 'head_dim'), zeros, cfg).astype(dt)
       v_BTKH += _param(self, 'v_bias', (K, H), ('kv_heads', 'head_dim'), zeros, cfg).astype(dt)
+    if cfg.qk_norm:
+      # Each head normalised over its H dims, [H] scales (Qwen3): `Norm`'s last axis.
+      q_BTNH = Norm(cfg, name='q_norm')(q_BTNH)
+      k_BTKH = Norm(cfg, name='k_norm')(k_BTKH)
     if cfg.position == 'rope':
       rope = rope_scaling_args(cfg)
       q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, **rope)
@@ -213,14 +216,15 @@ class Dense(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT) or SwiGLU (Llama)."""
+  """GELU MLP (GPT) or SwiGLU (Llama); `features` is its width (0: model.d_ff)."""
 
   cfg: ModelConfig
+  features: int = 0
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     cfg = self.cfg
-    D, F, dt = cfg.d_model, cfg.d_ff, cfg.dtype
+    D, F, dt = cfg.d_model, self.features or cfg.d_ff, cfg.dtype
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     w_in_DF = _param(self, 'wi', (D, F), ('embed', 'mlp'), init, cfg)
@@ -239,80 +243,3 @@ class Mlp(nn.Module):
     if cfg.use_bias:
       out_BTD += _param(self, 'wo_bias', (D,), ('norm',), nn.initializers.zeros, cfg).astype(dt)
     return constrain(out_BTD, BTD)
-
-
-class Block(nn.Module):
-  """Residual block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
-  Post-norm (BERT): norm(x + attn(x)), then norm(x + mlp(x)).
-
-  The signature `(carry, *xs) -> (carry, ys)` is what `nn.scan` wants, so the
-  same class serves the scanned and the unrolled stack: ys is None in training
-  and this layer's updated KV cache when decoding (see `Attention`).
-  """
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(
-    self,
-    x_BTD: Array,
-    positions_BT: Array,
-    segment_ids_BT: Array | None,
-    cache: dict | None = None,
-    cache_step: dict | None = None,
-  ):
-    x_BTD = constrain(x_BTD, BTD)
-    pre = self.cfg.norm_position == 'pre'
-    attn_norm, mlp_norm = Norm(self.cfg, name='attn_norm'), Norm(self.cfg, name='mlp_norm')
-    h_BTD = attn_norm(x_BTD) if pre else x_BTD
-    attn = Attention(self.cfg, name='attn')
-    if cache is None:
-      x_BTD = x_BTD + attn(h_BTD, positions_BT, segment_ids_BT)
-    else:
-      attn_BTD, cache = attn(h_BTD, positions_BT, segment_ids_BT, cache, cache_step)
-      x_BTD = x_BTD + attn_BTD
-    if pre:
-      x_BTD = x_BTD + Mlp(self.cfg, name='mlp')(mlp_norm(x_BTD))
-    else:
-      x_BTD = attn_norm(x_BTD)
-      x_BTD = mlp_norm(x_BTD + Mlp(self.cfg, name='mlp')(x_BTD))
-    return constrain(x_BTD, BTD), cache
-
-
-# What the fused attention kernels save for their backward pass, by checkpoint
-# name: the output and log-sum-exp, O(T) per head (llm/model/flash.py names
-# both, splash its log-sum-exp). Saved, they spare the backward pass a second
-# run of the forward kernel; the kernels recompute their blocks either way.
-_policies = jax.checkpoint_policies
-_ATTENTION_RESIDUALS = _policies.save_only_these_names('attention_out', 'attention_lse')
-
-REMAT_POLICIES = {
-  # Save nothing: recompute the whole block, attention's forward kernel
-  # included, in the backward pass. Least memory.
-  'full': None,
-  # Save every matmul output (with the xla kernel the T^2 attention scores too)
-  # and the kernels' residuals; recompute only elementwise ops. Most memory.
-  'dots_saveable': _policies.save_from_both_policies(_policies.dots_saveable, _ATTENTION_RESIDUALS),
-  # Save weight matmul outputs (no batch dims in the contraction) and the
-  # kernels' O(T) residuals, but recompute attention scores, whose size grows with T^2.
-  'minimal': _policies.save_from_both_policies(
-    _policies.dots_with_no_batch_dims_saveable, _ATTENTION_RESIDUALS
-  ),
-}
-
-
-assert tuple(REMAT_POLICIES) == config_lib.REMAT_POLICIES  # One list of names, one of policies.
-
-
-def block_class(cfg: ModelConfig) -> type[nn.Module]:
-  """`Block`, wrapped in `nn.remat` per `cfg.remat` ('none' leaves it alone)."""
-  if cfg.remat == 'none':
-    return Block
-  return nn.remat(
-    Block,
-    policy=REMAT_POLICIES[cfg.remat],
-    # Under scan the loop boundary already stops XLA from merging recomputation
-    # with the forward pass; outside it, prevent_cse keeps remat effective.
-    prevent_cse=not cfg.scan_layers,
-    static_argnums=(),
-  )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from llm import sharding
 from llm.config import ModelConfig
 from llm.model import attention as attention_lib
+from llm.model import block as block_lib
 from llm.model import layers
 
 # Logits [B, T, V] (or [B, 1, C]): split by batch, and by vocabulary over `tensor`.
@@ -60,33 +61,13 @@ class Transformer(nn.Module):
       positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     embed_VD, x_BTD = self._embed(tokens_BT, positions_BT, token_types_BT)
 
-    block = layers.block_class(cfg)
-    # Decoding adds two inputs per layer: its KV slice (scanned over L) and the
-    # step's write index and mask (the same for every layer).
-    decode_args, decode_axes = (), ()
+    decode = None
     if cache is not None:
       segment_ids_BT, cache, cache_step = _cache_step(cache, positions_BT, segment_ids_BT, cfg)
-      decode_args = ({'k': cache['k'], 'v': cache['v']}, cache_step)
-      decode_axes = (0, nn.broadcast)
-    if cfg.scan_layers:
-      stack = nn.scan(
-        block,
-        variable_axes={'params': 0},
-        split_rngs={'params': True},
-        in_axes=(nn.broadcast, nn.broadcast, *decode_axes),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-      )
-      x_BTD, kv = stack(cfg, name='layers')(x_BTD, positions_BT, segment_ids_BT, *decode_args)
-    else:
-      kv_per_layer = []
-      for i in range(cfg.num_layers):
-        layer_args = ()
-        if cache is not None:
-          layer_args = (jax.tree.map(lambda c, i=i: c[i], decode_args[0]), decode_args[1])
-        x_BTD, kv = block(cfg, name=f'layers_{i}')(x_BTD, positions_BT, segment_ids_BT, *layer_args)
-        kv_per_layer.append(kv)
-      kv = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *kv_per_layer)
+      decode = ({'k': cache['k'], 'v': cache['v']}, cache_step)
+    x_BTD, out = self._layers(x_BTD, positions_BT, segment_ids_BT, decode)
+    if cache is None:
+      self.sow('moe_stats', 'mean', block_lib.mean_stats(out, cfg))
 
     if logits_index_B is None and cfg.head == 'classifier':
       logits_index_B = jnp.full((B,), T - 1 if cfg.causal else 0, jnp.int32)
@@ -103,7 +84,44 @@ class Transformer(nn.Module):
       logits_BTV = unembed(cfg, x_BTD, head)
     if cache is None:
       return logits_BTV
-    return logits_BTV, dict(cache, **kv)
+    return logits_BTV, dict(cache, **out)
+
+  def _layers(self, x_BTD, positions_BT, segment_ids_BT, decode):
+    """The stack: (x_BTD, routing statistics summed over layers, or the updated KV cache).
+
+    Decoding (`decode` = (this step's KV cache {'k', 'v'} [L, ...], the
+    step's write index and mask)) adds two inputs per layer: its KV slice
+    (scanned) and the step (the same for every layer).
+    """
+    cfg = self.cfg
+    args = (x_BTD, positions_BT, segment_ids_BT)
+    if not cfg.scan_layers:
+      outs = []
+      for i, sparse in enumerate(cfg.sparse_layers()):
+        layer = block_lib.block_class(cfg)(cfg, sparse=sparse, name=f'layers_{i}')
+        step = () if decode is None else (jax.tree.map(lambda c, i=i: c[i], decode[0]), decode[1])
+        x_BTD, out = layer(*args, *step)
+        outs.append(out)
+        args = (x_BTD, *args[1:])
+      join = (lambda *o: sum(o)) if decode is None else (lambda *o: jnp.stack(o))
+      return x_BTD, jax.tree.map(join, *outs)
+    outs, first = [], 0
+    for group in block_lib.groups(cfg):
+      unit, attrs = block_lib.unit_class(cfg, group)
+      step, step_axes = _group_step(decode, first, group)
+      stack = nn.scan(
+        unit,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast, *step_axes),
+        length=group.repeats,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
+      x_BTD, out = stack(cfg, **attrs, name=group.name)(*args, *step)
+      outs.append(_group_out(out, group, decode is not None))
+      args, first = (x_BTD, *args[1:]), first + group.repeats * len(group.sparse)
+    join = (lambda *o: sum(o)) if decode is None else (lambda *o: jnp.concatenate(o))
+    return x_BTD, jax.tree.map(join, *outs)
 
   def _embed(self, tokens_BT, positions_BT, token_types_BT):
     """Token (+ learned position, + token type) embeddings; returns (table, x_BTD)."""
@@ -178,6 +196,25 @@ class Transformer(nn.Module):
       x_B1D = jnp.tanh(layers.Dense(cfg, cfg.d_model, name='pooler')(x_B1D))
     logits = layers.Dense(cfg, cfg.num_labels, name='classifier')(x_B1D)
     return logits.astype(jnp.float32)
+
+
+def _group_step(decode, first: int, group: block_lib.Group):
+  """A group's decoding inputs and their scan axes: its layers' KV slices [repeats, (n,) ...]."""
+  if decode is None:
+    return (), ()
+  n = len(group.sparse)
+  kv = jax.tree.map(lambda c: c[first : first + group.repeats * n], decode[0])
+  if n > 1:
+    kv = jax.tree.map(lambda c: c.reshape(group.repeats, n, *c.shape[1:]), kv)
+  return (kv, decode[1]), (0, nn.broadcast)
+
+
+def _group_out(out, group: block_lib.Group, decoding: bool):
+  """A group's scan outputs: routing statistics summed, or KV caches back to [layers, ...]."""
+  if not decoding:
+    return jax.tree.map(lambda o: jnp.sum(o, axis=0), out)
+  unit_dims = 1 + (len(group.sparse) > 1)
+  return jax.tree.map(lambda o: o.reshape(-1, *o.shape[unit_dims:]), out)
 
 
 class Head(NamedTuple):
@@ -277,19 +314,53 @@ def count_params(cfg: ModelConfig) -> int:
   return sum(int(x.size) for x in leaves)
 
 
-def unstack_layers(params, num_layers: int):
-  """Scanned layout {'layers': [L, ...]} -> unrolled {'layers_0': ..., 'layers_{L-1}': ...}."""
-  params = dict(params)
-  stacked = params.pop('layers')
-  for i in range(num_layers):
-    params[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+def count_active_params(cfg: ModelConfig) -> int:
+  """Parameters one token uses: `count_params` less the routed experts it is not sent to.
+
+  A routed expert weight (`wi`, `wg` or `wo` of a `moe` module, with an `exp`
+  axis) counts experts_per_token / num_experts of its size; the router, the
+  shared experts and everything else count whole. A dense model: `count_params`.
+  """
+  boxed = abstract_params(cfg)
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+    boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
+  total = 0
+  for path, leaf in flat:
+    keys = [getattr(k, 'key', None) for k in path]
+    size = int(nn.unbox(leaf).size)
+    routed = (
+      len(keys) > 1
+      and keys[-2] == 'moe'
+      and keys[-1] in ('wi', 'wg', 'wo')
+      and 'exp' in getattr(leaf, 'names', ())
+    )
+    total += size * cfg.experts_per_token // cfg.num_experts if routed else size
+  return total
+
+
+def unstack_layers(params, cfg: ModelConfig):
+  """Scanned layout (`block.groups`) -> unrolled {'layers_0': ..., 'layers_{L-1}': ...}."""
+  params, first = dict(params), 0
+  for group in block_lib.groups(cfg):
+    stacked = params.pop(group.name)
+    for g in range(group.repeats):
+      for j in range(len(group.sparse)):
+        unit = stacked if len(group.sparse) == 1 else stacked[f'block_{j}']
+        params[f'layers_{first}'] = jax.tree.map(lambda x, g=g: x[g], unit)
+        first += 1
   return params
 
 
-def stack_layers(params):
+def stack_layers(params, cfg: ModelConfig):
   """Unrolled layout -> scanned layout; the inverse of `unstack_layers`."""
-  params = dict(params)
-  names = sorted((k for k in params if k.startswith('layers_')), key=lambda k: int(k[7:]))
-  per_layer = [params.pop(k) for k in names]
-  params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  params, first = dict(params), 0
+  for group in block_lib.groups(cfg):
+    n = len(group.sparse)
+    per_unit = []
+    for _ in range(group.repeats):
+      blocks = [params.pop(f'layers_{first + j}') for j in range(n)]
+      per_unit.append(blocks[0] if n == 1 else {f'block_{j}': b for j, b in enumerate(blocks)})
+      first += n
+    params[group.name] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_unit)
   return params

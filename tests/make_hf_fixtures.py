@@ -210,16 +210,25 @@ def gpt2_config(vocab_size: int, **overrides) -> transformers.GPT2Config:
   return transformers.GPT2Config(**fields)
 
 
-def llama_config(vocab_size: int, **overrides) -> transformers.LlamaConfig:
-  fields = dict(
+def _decoder_config(cls, vocab_size: int, fields: dict, overrides: dict):
+  """A `cls` (Llama, Mixtral or Qwen3-MoE config) with the tiny shape those fixtures share."""
+  shared = dict(
     vocab_size=vocab_size,
     hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
+  return cls(**{**shared, **fields, **overrides})
+
+
+def llama_config(vocab_size: int, **overrides) -> transformers.LlamaConfig:
+  fields = dict(
+    intermediate_size=64,
+    num_hidden_layers=2,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
     rope_parameters=dict(
@@ -230,55 +239,34 @@ def llama_config(vocab_size: int, **overrides) -> transformers.LlamaConfig:
       high_freq_factor=4.0,
       original_max_position_embeddings=64,
     ),
-    bos_token_id=1,
-    eos_token_id=2,
   )
-  fields.update(overrides)
-  return transformers.LlamaConfig(**fields)
+  return _decoder_config(transformers.LlamaConfig, vocab_size, fields, overrides)
 
 
 def mixtral_config(vocab_size: int, **overrides) -> transformers.MixtralConfig:
   fields = dict(
-    vocab_size=vocab_size,
-    hidden_size=32,
     intermediate_size=24,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
     num_local_experts=4,
     num_experts_per_tok=2,
     rope_parameters=dict(rope_type='default', rope_theta=1e6),
-    bos_token_id=1,
-    eos_token_id=2,
   )
-  fields.update(overrides)
-  return transformers.MixtralConfig(**fields)
+  return _decoder_config(transformers.MixtralConfig, vocab_size, fields, overrides)
 
 
 def qwen3_moe_config(vocab_size: int, **overrides) -> transformers.Qwen3MoeConfig:
   fields = dict(
-    vocab_size=vocab_size,
-    hidden_size=32,
     intermediate_size=40,
     moe_intermediate_size=16,
     num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
     num_experts=4,
     num_experts_per_tok=2,
     norm_topk_prob=False,
     mlp_only_layers=[0, 1, 3],
     decoder_sparse_step=1,
     rope_parameters=dict(rope_type='default', rope_theta=1e6),
-    bos_token_id=1,
-    eos_token_id=2,
   )
-  fields.update(overrides)
-  return transformers.Qwen3MoeConfig(**fields)
+  return _decoder_config(transformers.Qwen3MoeConfig, vocab_size, fields, overrides)
 
 
 def make_moe() -> None:

@@ -17,10 +17,12 @@ Ours: router [D, E] (float32 softmax router), wg (gate) and wi (up) [E, D, F],
 wo [E, F, D]; every mapping is a transpose or a split.
 """
 
+import re
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from llm.convert import llama
 from llm.model import ModelConfig
 
 _FUSED = ('experts.gate_up_proj', 'experts.down_proj')
@@ -75,3 +77,18 @@ def to_hf(
   for j in range(num_experts):
     for proj, ours in projs.items():
       yield f'{prefix}experts.{j}.{proj}.weight', get(('moe', ours, j), layer).T
+
+
+def layer_to_ours(
+  sparse: re.Pattern, name: str, w: np.ndarray, cfg: ModelConfig, projs: dict[str, str]
+) -> list[tuple[tuple, int | None, np.ndarray]]:
+  """One tensor of a Llama-based MoE family -> [(our path, layer or None, array)].
+
+  sparse: matches a sparse layer's tensor names, capturing the layer and the
+  name after the experts' module; any other tensor is Llama's.
+  """
+  match = sparse.match(name)
+  if match:
+    i, rest = match.groups()
+    return to_ours(name, rest, w, cfg, projs, int(i))
+  return llama.to_ours(name, w, cfg)

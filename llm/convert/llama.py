@@ -65,50 +65,90 @@ def rope_fields(hf: dict, family: str = 'Llama', default_theta: float = 10000.0)
   return fields
 
 
-def config_from_hf(hf: dict) -> dict:
-  """ModelConfig fields from a Llama `config.json` (missing keys take LlamaConfig's defaults)."""
+def silu_only(hf: dict, family: str) -> None:
+  """Refuses a `hidden_act` other than silu, the only one SwiGLU here uses."""
   act = hf.get('hidden_act', 'silu')
   if act != 'silu':
-    raise ValueError(f'Llama hidden_act={act!r} is not supported; SwiGLU here uses silu.')
+    raise ValueError(f'{family} hidden_act={act!r} is not supported; SwiGLU here uses silu.')
+
+
+def decoder_fields(
+  hf: dict,
+  family: str,
+  *,
+  vocab_size: int,
+  num_layers: int,
+  d_model: int,
+  d_ff: int,
+  max_seq_len: int,
+  norm_eps: float,
+  default_theta: float = 10000.0,
+) -> dict:
+  """The ModelConfig fields Llama, Mixtral and Qwen3-MoE share; the keywords are the
+  family's defaults for keys `config.json` leaves out."""
   num_heads = hf.get('num_attention_heads', 32)
-  d_model = hf.get('hidden_size', 4096)
+  d_model = hf.get('hidden_size', d_model)
   return dict(
-    vocab_size=hf.get('vocab_size', 32000),
-    num_layers=hf.get('num_hidden_layers', 32),
+    vocab_size=hf.get('vocab_size', vocab_size),
+    num_layers=hf.get('num_hidden_layers', num_layers),
     d_model=d_model,
     num_heads=num_heads,
     num_kv_heads=hf.get('num_key_value_heads') or num_heads,
     head_dim=hf.get('head_dim') or d_model // num_heads,
-    d_ff=hf.get('intermediate_size', 11008),
-    max_seq_len=hf.get('max_position_embeddings', 2048),
+    d_ff=hf.get('intermediate_size', d_ff),
+    max_seq_len=hf.get('max_position_embeddings', max_seq_len),
     norm='rmsnorm',
-    norm_eps=hf.get('rms_norm_eps', 1e-6),
+    norm_eps=hf.get('rms_norm_eps', norm_eps),
     mlp='swiglu',
     position='rope',
-    use_bias=bool(hf.get('attention_bias', False) or hf.get('mlp_bias', False)),
     tie_embeddings=hf.get('tie_word_embeddings', False),
     init_std=hf.get('initializer_range', 0.02),
-    **rope_fields(hf),
+    **rope_fields(hf, family, default_theta),
   )
+
+
+def config_from_hf(hf: dict) -> dict:
+  """ModelConfig fields from a Llama `config.json` (missing keys take LlamaConfig's defaults)."""
+  silu_only(hf, 'Llama')
+  return dict(
+    **decoder_fields(
+      hf,
+      'Llama',
+      vocab_size=32000,
+      num_layers=32,
+      d_model=4096,
+      d_ff=11008,
+      max_seq_len=2048,
+      norm_eps=1e-6,
+    ),
+    use_bias=bool(hf.get('attention_bias', False) or hf.get('mlp_bias', False)),
+  )
+
+
+# What every family written through this module needs, before its own fields.
+DECODER = (
+  ('norm', 'rmsnorm'),
+  ('mlp', 'swiglu'),
+  ('position', 'rope'),
+  ('causal', True),
+  ('norm_position', 'pre'),
+  ('type_vocab_size', 0),
+  ('head', 'lm'),
+)
+
+
+def mismatches(cfg: ModelConfig, family: str, wants) -> list[str]:
+  """A reason for each (field, wanted value) in `wants` that `cfg` does not have."""
+  return [
+    f'model.{field}={getattr(cfg, field)!r} ({family} needs {want!r})'
+    for field, want in wants
+    if getattr(cfg, field) != want
+  ]
 
 
 def check_exportable(cfg: ModelConfig) -> list[str]:
   """Reasons `cfg` cannot be written as Llama; empty when it can."""
-  reasons = [
-    f'model.{field}={getattr(cfg, field)!r} (Llama needs {want!r})'
-    for field, want in (
-      ('norm', 'rmsnorm'),
-      ('mlp', 'swiglu'),
-      ('position', 'rope'),
-      ('causal', True),
-      ('norm_position', 'pre'),
-      ('type_vocab_size', 0),
-      ('head', 'lm'),
-      ('num_experts', 0),
-      ('qk_norm', False),
-    )
-    if getattr(cfg, field) != want
-  ]
+  reasons = mismatches(cfg, 'Llama', DECODER + (('num_experts', 0), ('qk_norm', False)))
   if cfg.d_model % cfg.num_heads:
     reasons.append(
       f'model.d_model={cfg.d_model} (transformers needs it divisible by num_heads={cfg.num_heads})'
@@ -132,14 +172,14 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
   return dict(rope_theta=cfg.rope_theta, rope_scaling=rope_scaling)
 
 
-def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
-  """A Llama `config.json`, in the transformers 4 RoPE format that transformers 5 also reads."""
+def decoder_config_to_hf(cfg: ModelConfig, architecture: str, model_type: str, d_ff: int) -> dict:
+  """The `config.json` keys Llama, Mixtral and Qwen3-MoE share (`d_ff`: intermediate_size)."""
   return dict(
-    architectures=[ARCHITECTURE],
-    model_type=MODEL_TYPE,
+    architectures=[architecture],
+    model_type=model_type,
     vocab_size=cfg.vocab_size,
     hidden_size=cfg.d_model,
-    intermediate_size=cfg.d_ff,
+    intermediate_size=d_ff,
     num_hidden_layers=cfg.num_layers,
     num_attention_heads=cfg.num_heads,
     num_key_value_heads=cfg.num_kv_heads,
@@ -148,22 +188,35 @@ def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
     rms_norm_eps=cfg.norm_eps,
     **rope_to_hf(cfg),
     hidden_act='silu',
-    attention_bias=biases['attn'],
-    mlp_bias=biases['mlp'],
     tie_word_embeddings=cfg.tie_embeddings,
     initializer_range=cfg.init_std,
+  )
+
+
+def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
+  """A Llama `config.json`, in the transformers 4 RoPE format that transformers 5 also reads."""
+  return dict(
+    **decoder_config_to_hf(cfg, ARCHITECTURE, MODEL_TYPE, cfg.d_ff),
+    attention_bias=biases['attn'],
+    mlp_bias=biases['mlp'],
   )
 
 
 def expected_names(hf: dict, cfg: ModelConfig, present: frozenset[str]) -> set[str]:
   """Tensor names a checkpoint with this config must hold (`present`: unused, one layout)."""
   del present
-  names = outer_names(cfg)
-  per_layer = attention_names(hf, cfg) + [f'mlp.{m}.weight' for m in _MLP]
+  mlp = [f'mlp.{m}.weight' for m in _MLP]
   if hf.get('mlp_bias', False):
-    per_layer += [f'mlp.{m}.bias' for m in _MLP]
-  for i in range(cfg.num_layers):
-    names.update(f'model.layers.{i}.{n}' for n in per_layer)
+    mlp += [f'mlp.{m}.bias' for m in _MLP]
+  return decoder_names(hf, cfg, [mlp] * cfg.num_layers)
+
+
+def decoder_names(hf: dict, cfg: ModelConfig, mlps: list[list[str]]) -> set[str]:
+  """All tensor names, given each layer's MLP (or experts') names relative to the layer."""
+  names = outer_names(cfg)
+  attention = attention_names(hf, cfg)
+  for i, mlp in enumerate(mlps):
+    names.update(f'model.layers.{i}.{n}' for n in attention + mlp)
   return names
 
 
@@ -237,10 +290,20 @@ def to_hf(
 
   `biases['attn']` / `biases['mlp']` say which bias groups to write.
   """
+  return decoder_to_hf(cfg, get, biases, lambda i: mlp_to_hf(get, biases, i))
+
+
+def decoder_to_hf(
+  cfg: ModelConfig,
+  get: Callable[[tuple, int | None], np.ndarray],
+  biases: dict[str, bool],
+  layer_mlp: Callable[[int], Iterator[tuple[str, np.ndarray]]],
+) -> Iterator[tuple[str, np.ndarray]]:
+  """Every tensor, with layer i's MLP (or experts) from `layer_mlp(i)`."""
   yield 'model.embed_tokens.weight', get(('embedding',), None)
   for i in range(cfg.num_layers):
     yield from attention_to_hf(cfg, get, biases, i)
-    yield from mlp_to_hf(get, biases, i)
+    yield from layer_mlp(i)
   yield from head_to_hf(cfg, get)
 
 

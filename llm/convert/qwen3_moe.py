@@ -31,7 +31,6 @@ MODEL_TYPE = 'qwen3_moe'
 SPECIAL_TOKEN_IDS = ('bos', 'eos', 'pad')
 
 _SPARSE = re.compile(r'^model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\..+)$')
-_BUFFERS = re.compile(r'rotary_emb\.inv_freq$')
 # The experts' and the dense MLPs' projections have the same names.
 _PROJS = {'gate_proj': 'wg', 'up_proj': 'wi', 'down_proj': 'wo'}
 
@@ -60,9 +59,7 @@ def _sparse_pattern(hf: dict, num_layers: int, num_experts: int) -> tuple[int, i
 
 def config_from_hf(hf: dict) -> dict:
   """ModelConfig fields from a Qwen3-MoE `config.json` (missing keys: Qwen3MoeConfig's defaults)."""
-  act = hf.get('hidden_act', 'silu')
-  if act != 'silu':
-    raise ValueError(f'Qwen3-MoE hidden_act={act!r} is not supported; SwiGLU here uses silu.')
+  llama.silu_only(hf, 'Qwen3-MoE')
   if hf.get('use_sliding_window', False):
     raise ValueError(
       'Qwen3-MoE use_sliding_window=true is not supported; attention here is global.'
@@ -71,52 +68,32 @@ def config_from_hf(hf: dict) -> dict:
   num_experts = hf.get('num_experts', hf.get('num_local_experts', 128))
   num_layers = hf.get('num_hidden_layers', 24)
   first_dense, every = _sparse_pattern(hf, num_layers, num_experts)
-  num_heads = hf.get('num_attention_heads', 32)
-  d_model = hf.get('hidden_size', 2048)
   return dict(
-    vocab_size=hf.get('vocab_size', 151936),
-    num_layers=num_layers,
-    d_model=d_model,
-    num_heads=num_heads,
-    num_kv_heads=hf.get('num_key_value_heads') or num_heads,
-    head_dim=hf.get('head_dim') or d_model // num_heads,
-    d_ff=hf.get('intermediate_size', 6144),
-    max_seq_len=hf.get('max_position_embeddings', 32768),
-    norm='rmsnorm',
-    norm_eps=hf.get('rms_norm_eps', 1e-6),
-    mlp='swiglu',
-    position='rope',
+    **llama.decoder_fields(
+      hf,
+      'Qwen3-MoE',
+      vocab_size=151936,
+      num_layers=num_layers,
+      d_model=2048,
+      d_ff=6144,
+      max_seq_len=32768,
+      norm_eps=1e-6,
+    ),
     use_bias=bool(hf.get('attention_bias', False)),
     qk_norm=True,
-    tie_embeddings=hf.get('tie_word_embeddings', False),
-    init_std=hf.get('initializer_range', 0.02),
     num_experts=num_experts,
     experts_per_token=hf.get('num_experts_per_tok', 8),
     moe_d_ff=hf.get('moe_intermediate_size', 768),
     moe_first_dense=first_dense,
     moe_every=every,
     router_renormalize=bool(hf.get('norm_topk_prob', False)),
-    **llama.rope_fields(hf, 'Qwen3-MoE'),
   )
 
 
 def check_exportable(cfg: ModelConfig) -> list[str]:
   """Reasons `cfg` cannot be written as Qwen3-MoE; empty when it can."""
-  reasons = [
-    f'model.{field}={getattr(cfg, field)!r} (Qwen3-MoE needs {want!r})'
-    for field, want in (
-      ('norm', 'rmsnorm'),
-      ('mlp', 'swiglu'),
-      ('position', 'rope'),
-      ('causal', True),
-      ('norm_position', 'pre'),
-      ('type_vocab_size', 0),
-      ('head', 'lm'),
-      ('qk_norm', True),
-      ('num_shared_experts', 0),
-    )
-    if getattr(cfg, field) != want
-  ]
+  wants = llama.DECODER + (('qk_norm', True), ('num_shared_experts', 0))
+  reasons = llama.mismatches(cfg, 'Qwen3-MoE', wants)
   if not cfg.num_experts:
     reasons.insert(0, 'model.num_experts=0 (Qwen3-MoE needs a mixture of experts)')
   return reasons
@@ -131,23 +108,9 @@ def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
   step = 1 if cfg.moe_first_dense else cfg.moe_every
   dense = [i for i, s in enumerate(cfg.sparse_layers()) if not s and (i + 1) % step == 0]
   return dict(
-    architectures=[ARCHITECTURE],
-    model_type=MODEL_TYPE,
-    vocab_size=cfg.vocab_size,
-    hidden_size=cfg.d_model,
-    intermediate_size=cfg.d_ff,
+    **llama.decoder_config_to_hf(cfg, ARCHITECTURE, MODEL_TYPE, cfg.d_ff),
     moe_intermediate_size=cfg.expert_d_ff,
-    num_hidden_layers=cfg.num_layers,
-    num_attention_heads=cfg.num_heads,
-    num_key_value_heads=cfg.num_kv_heads,
-    head_dim=cfg.head_dim,
-    max_position_embeddings=cfg.max_seq_len,
-    rms_norm_eps=cfg.norm_eps,
-    **llama.rope_to_hf(cfg),
-    hidden_act='silu',
     attention_bias=biases['attn'],
-    tie_word_embeddings=cfg.tie_embeddings,
-    initializer_range=cfg.init_std,
     num_experts=cfg.num_experts,
     num_experts_per_tok=cfg.experts_per_token,
     norm_topk_prob=cfg.router_renormalize,
@@ -160,42 +123,31 @@ def config_to_hf(cfg: ModelConfig, biases: dict[str, bool]) -> dict:
 
 def expected_names(hf: dict, cfg: ModelConfig, present: frozenset[str]) -> set[str]:
   """Tensor names a checkpoint with this config must hold, in the layout `present` uses."""
-  attention = llama.attention_names(hf, cfg)
   dense = [f'mlp.{p}.weight' for p in _PROJS]
   sparse = experts.names('mlp', cfg.num_experts, _PROJS, experts.is_fused(present))
-  names = llama.outer_names(cfg)
-  for i, is_sparse in enumerate(cfg.sparse_layers()):
-    names.update(f'model.layers.{i}.{n}' for n in attention + (sparse if is_sparse else dense))
-  return names
+  return llama.decoder_names(hf, cfg, [sparse if s else dense for s in cfg.sparse_layers()])
 
 
-def canonical_name(name: str, cfg: ModelConfig) -> str | None:
-  """The name `expected_names` uses, or None for tensors that carry no weights."""
-  if _BUFFERS.search(name) or (name == 'lm_head.weight' and cfg.tie_embeddings):
-    return None
-  return name
+# Qwen3-MoE names every tensor as Llama does.
+canonical_name = llama.canonical_name
 
 
 def to_ours(
   name: str, w: np.ndarray, cfg: ModelConfig
 ) -> list[tuple[tuple, int | None, np.ndarray]]:
   """One Hugging Face tensor -> [(our path, layer or None, array)]."""
-  sparse = _SPARSE.match(name)
-  if sparse:
-    i, rest = sparse.groups()
-    return experts.to_ours(name, rest, w, cfg, _PROJS, int(i))
-  return llama.to_ours(name, w, cfg)
+  return experts.layer_to_ours(_SPARSE, name, w, cfg, _PROJS)
 
 
 def to_hf(
   cfg: ModelConfig, get: Callable[[tuple, int | None], np.ndarray], biases: dict[str, bool]
 ) -> Iterator[tuple[str, np.ndarray]]:
   """(Hugging Face name, array) for every tensor, reading ours through `get(path, layer)`."""
-  yield 'model.embed_tokens.weight', get(('embedding',), None)
-  for i, is_sparse in enumerate(cfg.sparse_layers()):
-    yield from llama.attention_to_hf(cfg, get, biases, i)
-    if is_sparse:
-      yield from experts.to_hf(f'model.layers.{i}.mlp.', get, i, cfg.num_experts, _PROJS)
-    else:
-      yield from llama.mlp_to_hf(get, biases, i)
-  yield from llama.head_to_hf(cfg, get)
+  sparse = cfg.sparse_layers()
+
+  def layer_mlp(i: int) -> Iterator[tuple[str, np.ndarray]]:
+    if sparse[i]:
+      return experts.to_hf(f'model.layers.{i}.mlp.', get, i, cfg.num_experts, _PROJS)
+    return llama.mlp_to_hf(get, biases, i)
+
+  return llama.decoder_to_hf(cfg, get, biases, layer_mlp)

@@ -32,7 +32,7 @@ def _hand_count(V, L, D, N, K, H, E, k, Fe, F=0, dense=0, shared=0, qk_norm=0):
   return total, active
 
 
-_QK = 1 if presets.QWEN3_30B_A3B.get('qk_norm') else 0  # Set by the QK-norm change.
+_QK = 1 if presets.QWEN3_30B_A3B.get('qk_norm') else 0
 
 # preset, exact (total, active), published (total, active) in billions, and
 # how far from them a count may be: half a unit of the last published digit.
@@ -56,9 +56,8 @@ CASES = [
   (
     # Qwen's model card truncates: the active count written out is 3.353B,
     # published as "3.3B activated" (the "A3B" of the name), so that figure
-    # is allowed one unit of its last digit, not half. Without QK-norm's 2 x
-    # 128 scales per layer (12,288 in all, total and active alike) until the
-    # preset sets it.
+    # is allowed one unit of its last digit, not half. QK-norm adds 2 x 128
+    # scales per layer (12,288 in all, total and active alike).
     'qwen3_30b_a3b',
     (30_532_110_336 + _QK * 12_288, 3_353_020_416 + _QK * 12_288),
     _hand_count(V=151936, L=48, D=2048, N=32, K=4, H=128, E=128, k=8, Fe=768, qk_norm=_QK),
@@ -156,3 +155,25 @@ def test_an_experiment_config_keeps_the_moe_preset():
   cfg = ModelConfig.from_dict(synthetic.get_config('mixtral_8x7b').model)
   assert model_lib.count_params(cfg) == 46_702_792_704
   assert model_lib.count_active_params(cfg) == 12_879_925_248
+
+
+def test_compile_report_counts_the_active_flops_of_a_mixture_of_experts():
+  from llm import compile as compile_lib
+  from tests.train_test import tiny_config
+
+  c = tiny_config(
+    **{
+      'model.num_experts': 4,
+      'model.experts_per_token': 2,
+      'mesh.data': 1,
+      'mesh.fsdp': 2,
+      'mesh.expert': 4,
+    }
+  )
+  cfg = ModelConfig.from_dict(c.model)
+  report = compile_lib.compile_train_step(c)
+  assert report.params == model_lib.count_params(cfg)
+  assert report.active_params == model_lib.count_active_params(cfg) < report.params
+  tokens_per_device = c.batch_size * c.seq_len / 8
+  assert report.model_flops == metrics.train_flops_per_token(cfg, c.seq_len) * tokens_per_device
+  assert 'B active)' in report.summary()

@@ -60,7 +60,7 @@ def test_long_stage_continues_the_short_one_split_over_the_sequence_axis(tmp_pat
   assert long.mesh.sequence == 4 and long.model.rope_theta > short.model.rope_theta
   # The long stage as train_and_evaluate runs it, with its step-0 state in view.
   trainer = train.Trainer.create(long)
-  assert dict(trainer.mesh.shape) == {'data': 2, 'fsdp': 1, 'sequence': 4, 'tensor': 1}
+  assert dict(trainer.mesh.shape) == {'data': 2, 'fsdp': 1, 'sequence': 4, 'expert': 1, 'tensor': 1}
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'long'))
   state, batches = trainer.restore_or_init(ckpt)
   ckpt.close()

@@ -100,7 +100,7 @@ def _assert_close(got, want):
 def test_chunked_loss_and_gradients_equal_the_whole_logits(name, chunk):
   cfg, params, batch = CONFIGS[name], _params(name), _batch(name)
   (objective, (nll, tokens, _)), grads = _train(cfg, chunk)(params, batch)
-  ((objective_1, (nll_1, tokens_1)), grads_1), _ = _whole(name)
+  ((objective_1, (nll_1, tokens_1, _)), grads_1), _ = _whole(name)
   assert float(tokens) == float(tokens_1) == float(batch['loss_mask'].sum())
   assert float(objective - nll) > 1e-2 * float(nll)  # The z-loss term is there.
   _assert_close((objective, nll), (objective_1, nll_1))
@@ -134,11 +134,11 @@ def test_chunked_loss_on_an_fsdp_tensor_mesh_equals_one_device(name):
     params = jax.device_put(params, param_shardings(cfg, mesh))
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     train = _train(cfg, 8).lower(params, batch).compile()
-    (_, (nll, _)), grads = train(params, batch)
+    (_, (nll, _, _)), grads = train(params, batch)
     got_eval = _eval(cfg, 8)(
       params, batch, jax.device_put(_bytes_V(cfg), sharding.replicated(mesh))
     )
-  ((_, (nll_1, _)), grads_1), eval_1 = _whole(name)
+  ((_, (nll_1, _, _)), grads_1), eval_1 = _whole(name)
   _assert_close((nll, grads), (nll_1, grads_1))
   _assert_close(got_eval, eval_1)
   # The projection stays split by vocabulary over `tensor`: no device ever holds

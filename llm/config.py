@@ -104,6 +104,12 @@ class ModelConfig:
   # each expert takes ceil(T x k / E x capacity_factor) copies per row; the
   # rest are dropped (the block adds nothing for them, the residual passes on).
   capacity_factor: float = 0.0
+  # Dropless under expert parallelism: each chip sorts the token copies of its
+  # whole expert group and multiplies at most expert_buffer_factor x its fair
+  # share of them (the group's copies / mesh.expert); copies past that are
+  # dropped and counted. 0: no bound, nothing is ever dropped, but the buffers
+  # hold all of the group's copies (mesh.expert times the fair share).
+  expert_buffer_factor: float = 0.0
 
   def __post_init__(self):
     for field, valid in _CHOICES.items():
@@ -174,6 +180,7 @@ _MOE_FIELDS = (
   'moe_every',
   'router_renormalize',
   'capacity_factor',
+  'expert_buffer_factor',
 )
 
 
@@ -195,6 +202,13 @@ def _check_moe(cfg: ModelConfig) -> None:
   if cfg.capacity_factor < 0 or not math.isfinite(cfg.capacity_factor):
     raise ValueError(
       f'model.capacity_factor={cfg.capacity_factor} must be 0 (dropless) or positive.'
+    )
+  if cfg.expert_buffer_factor and (
+    cfg.capacity_factor or not 1 <= cfg.expert_buffer_factor < math.inf
+  ):
+    raise ValueError(
+      f'model.expert_buffer_factor={cfg.expert_buffer_factor} must be 0 (no bound) or at '
+      'least 1, and bounds only the dropless path (model.capacity_factor=0).'
     )
   for field in ('num_shared_experts', 'moe_d_ff', 'moe_first_dense'):
     if getattr(cfg, field) < 0:

@@ -3,7 +3,7 @@ r"""Training: state initialisation, the train and eval steps, and the loop.
   python -m llm.train --config=experiments/NAME.py[:ARG] --workdir=DIR \
       [--config.KEY=VALUE ...]
 
-Data flow: config -> mesh (llm/sharding.py) -> ModelConfig, its kernels
+Data flow: config -> mesh (llm/sharding/) -> ModelConfig, its kernels
 resolved for the mesh's platform -> abstract state from `jax.eval_shape` ->
 shardings from the logical axes -> `init_state` materialises each shard where
 it lives -> `train_step` jitted once with those shardings, the state donated

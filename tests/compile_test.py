@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from llm import compile as compile_lib
-from llm import metrics, model
+from llm import metrics, model, sharding
 from llm.model import ModelConfig
 from tests.train_test import tiny_config
 
@@ -55,3 +55,15 @@ def test_a_tpu_topology_gets_none_of_the_cpu_kernels():
   assert _cpu_variant_traces(tpu_devices) == {'scope': False, 'barrier': False}
   # The same config for this host's CPUs has both, so the test can see them.
   assert _cpu_variant_traces(jax.devices()[:4]) == {'scope': True, 'barrier': True}
+
+
+@pytest.mark.parametrize(
+  'topology, sizes',
+  [('v5e:16x16', {'fsdp': 64, 'tensor': 4}), ('v5p:4x4x4', {'fsdp': 8, 'expert': 8})],
+)
+def test_a_split_no_whole_physical_axes_make_still_builds(topology, sizes):
+  pytest.importorskip('libtpu', reason='TPU topologies need libtpu: requirements-tpu.txt')
+  devices = compile_lib.topology_devices(topology)
+  mesh = sharding.make_mesh({'data': 1, **sizes}, devices)
+  assert {a: mesh.shape[a] for a in sizes} == sizes
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

@@ -72,6 +72,28 @@ def test_expert_axis_gives_the_loss_and_gradients_of_one_device(mesh, capacity_f
     assert got[1]['dropped_fraction'] > 0  # Capacity 1.0 drops some of a random router's picks.
 
 
+def test_a_dropless_buffer_bound_shrinks_the_expert_rows_and_counts_its_drops():
+  """Bounded at the expert group's size it changes nothing; at the fair share it drops."""
+  mesh = MESHES[1]  # expert=4, one expert per chip.
+  c = tiny_config(**MOE, **mesh)
+  params = train.Trainer.create(c, jax.devices()).init_state()['params']
+  batch = _batch(c)
+  unbounded = _loss_and_grads(c, jax.devices(), params, batch)
+  whole = tiny_config(**MOE, **mesh, **{'model.expert_buffer_factor': 4.0})
+  np.testing.assert_array_equal(
+    _loss_and_grads(whole, jax.devices(), params, batch)[0], unbounded[0]
+  )
+  fair = tiny_config(**MOE, **mesh, **{'model.expert_buffer_factor': 1.0})
+  got = _loss_and_grads(fair, jax.devices(), params, batch)
+  assert 0 < got[1]['dropped_fraction'] < 0.5 and got[0][1] != unbounded[0][1]
+  trainer = train.Trainer.create(fair, jax.devices())
+  with sharding.rules_context(trainer.mesh):
+    jaxpr = str(jax.make_jaxpr(trainer.step_fn)(trainer.abstract_state(), batch))
+  # Per chip: (8 rows / 8 chips x 4 gathered) x 32 tokens x 2 routes = 256 copies, 64 kept.
+  rows = {int(m) for m in re.findall(r'f32\[(\d+),\d+\] = ragged_dot', jaxpr)}
+  assert rows == {64}, rows
+
+
 def test_expert_weights_and_their_moments_are_split_over_the_expert_axis():
   c = tiny_config(**MOE, **MESHES[0])
   state = train.Trainer.create(c, jax.devices()).init_state()

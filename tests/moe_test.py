@@ -1,6 +1,7 @@
 """Mixture of experts: both dispatch paths against a loop over the experts, and the routing."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -187,6 +188,23 @@ def test_aux_loss_gradient_reaches_the_router():
   assert float(jnp.abs(diff).max()) > 1e-4
 
 
+def test_a_bounded_dropless_buffer_keeps_the_first_copies_and_counts_the_rest():
+  """One chip's share under expert parallelism: 1 of 4 experts, a buffer of P / 4 rows."""
+  cfg = dataclasses.replace(CFG, experts_per_token=1, expert_buffer_factor=1.0)
+  p = _params(cfg)['layers']['moe']
+  experts = tuple(p[name][0, :1] for name in ('wi', 'wg', 'wo'))  # Layer 0, expert 0.
+  x_BTD = jax.random.normal(jax.random.key(1), (1, 8, cfg.d_model))
+  chosen_BTR = jnp.array([[0, 2, 0, 0, 1, 0, 3, 0]])[..., None]  # 5 copies for expert 0.
+  weights_BTR = jnp.linspace(0.5, 1.0, 8).reshape(1, 8, 1)
+  out_BTD, dropped = moe._dropless_experts(cfg, x_BTD, chosen_BTR, weights_BTR, *experts, 0)
+  assert float(dropped) == 3  # Room for ceil(8 / 4) = 2 rows: the first two copies.
+  ref = {k: v[0, :1] for k, v in p.items() if k != 'router'}
+  h = jax.nn.silu(x_BTD[0] @ ref['wg'][0]) * (x_BTD[0] @ ref['wi'][0])
+  want = (h @ ref['wo'][0]) * weights_BTR[0]
+  kept = np.array([1, 0, 1, 0, 0, 0, 0, 0], bool)[:, None]
+  np.testing.assert_allclose(out_BTD[0], np.where(kept, want, 0), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
   'fields, message',
   [
@@ -194,8 +212,13 @@ def test_aux_loss_gradient_reaches_the_router():
     (dict(capacity_factor=-1.0), 'capacity_factor=-1.0 must be 0'),
     (dict(num_experts=0), 'model.moe_d_ff=24 is a mixture-of-experts setting'),
     (dict(num_layers=3, moe_every=2), 'model.moe_every=2 must be positive and divide the 3'),
+    (
+      dict(expert_buffer_factor=0.5),
+      'model.expert_buffer_factor=0.5 must be 0 (no bound) or at least 1',
+    ),
+    (dict(capacity_factor=1.0, expert_buffer_factor=2.0), 'bounds only the dropless path'),
   ],
 )
 def test_bad_moe_fields_are_one_sentence(fields, message):
-  with pytest.raises(ValueError, match=message.replace('.', r'\.').replace('(', r'\(')):
+  with pytest.raises(ValueError, match=re.escape(message)):
     dataclasses.replace(CFG, **fields)

@@ -3,7 +3,7 @@
 Dims legend as in `llm/model/__init__.py`. Parameters are created in `param_dtype`
 (float32) and cast to the compute `dtype` at use, so the optimizer always sees
 full-precision weights. Every parameter and main activation carries logical axis
-names; `llm/sharding.py` maps them onto the mesh.
+names; `llm/sharding/` maps them onto the mesh.
 """
 
 import math
@@ -33,7 +33,7 @@ def matmul(cfg: ModelConfig, spec: str, x: Array, w: Array, out_dtype=None) -> A
 
 
 # The residual stream, between attention and the MLP: under tensor parallelism
-# its length is split over the tensor axis too (`llm/sharding.py`).
+# its length is split over the tensor axis too (`llm/sharding/`).
 BTD = ('act_batch', 'act_res_length', 'act_embed')
 
 

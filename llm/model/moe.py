@@ -87,9 +87,11 @@ class Moe(nn.Module):
       fn = functools.partial(_capacity_experts, cfg, capacity(cfg, x_BTD.shape[1]))
       routes += (slots_BTR,)
       dropped = jnp.sum((slots_BTR < 0) * valid_BT[..., None])
-    else:
+    else:  # Padding goes to no expert: it takes no buffer room.
+      routes = (jnp.where(valid_BT[..., None] > 0, experts_BTR, E), routes[1])
       fn, dropped = functools.partial(_dropless_experts, cfg), jnp.zeros(())
-    out_BTD = sharding.expert_parallel(fn, x_BTD.astype(cfg.dtype), routes, experts)
+    out_BTD, overflow = sharding.expert_parallel(fn, x_BTD.astype(cfg.dtype), routes, experts)
+    dropped += overflow
     if cfg.num_shared_experts:
       shared = layers.Mlp(cfg, features=cfg.num_shared_experts * F, name='shared')
       out_BTD += shared(x_BTD)
@@ -142,29 +144,43 @@ def _expert_mlp(cfg: ModelConfig, dot, x, experts: tuple) -> Array:
 
 
 def _dropless_experts(cfg: ModelConfig, x_BTD, experts_BTR, weights_BTR, *args):
-  """Sum of this chip's experts' outputs per token: copies sorted by expert, `ragged_dot`."""
+  """This chip's experts' outputs per token, and the copies its buffer had no room for.
+
+  The copies of the tokens here (an expert group's, under expert parallelism)
+  are sorted by expert, this chip's first; the first N of them, N at most the
+  `expert_buffer_factor` bound, go through `ragged_dot` and are added back
+  onto their tokens, so no buffer is larger than N rows.
+  """
   *experts, first = args
   B, T, D = x_BTD.shape
   R, e = experts_BTR.shape[-1], experts[0].shape[0]
+  P = B * T * R
+  N = P
+  if cfg.expert_buffer_factor:
+    N = min(P, math.ceil(P * e / cfg.num_experts * cfg.expert_buffer_factor))
   local_P = experts_BTR.reshape(-1) - first
   mine_P = (local_P >= 0) & (local_P < e)
   key_P = jnp.where(mine_P, local_P, e)  # Other chips' experts sort last, in no group.
-  order_P = jnp.argsort(key_P, stable=True)
-  sizes_E = jnp.bincount(key_P, length=e + 1)[:e].astype(jnp.int32)
-  x_PD = x_BTD.reshape(B * T, D)[order_P // R]
+  order_N = jnp.argsort(key_P, stable=True)[:N]
+  ends_E = jnp.minimum(jnp.cumsum(jnp.bincount(key_P, length=e + 1)[:e]), N)
+  sizes_E = jnp.diff(ends_E, prepend=0).astype(jnp.int32)
+  token_N = order_N // R
+  x_ND = x_BTD.reshape(B * T, D)[token_N]
 
-  def dot(x_PF, w_EFG):
-    out = jax.lax.ragged_dot(x_PF, w_EFG, sizes_E, preferred_element_type=jnp.float32)
+  def dot(x_NF, w_EFG):
+    out = jax.lax.ragged_dot(x_NF, w_EFG, sizes_E, preferred_element_type=jnp.float32)
     return out.astype(cfg.dtype)
 
-  y_PD = jnp.where(mine_P[order_P][:, None], _expert_mlp(cfg, dot, x_PD, experts), 0)
-  y_MRD = y_PD[jnp.argsort(order_P)].reshape(B * T, R, D)
-  out_MD = jnp.einsum('MRD,MR->MD', y_MRD, weights_BTR.reshape(B * T, R).astype(y_MRD.dtype))
-  return out_MD.reshape(B, T, D)
+  kept_N = jnp.arange(N) < ends_E[-1]
+  weight_N = jnp.where(kept_N, weights_BTR.reshape(-1)[order_N], 0).astype(cfg.dtype)
+  y_ND = _expert_mlp(cfg, dot, x_ND, experts) * weight_N[:, None]
+  out_MD = jnp.zeros((B * T, D), y_ND.dtype).at[token_N].add(y_ND)
+  dropped = jnp.sum(mine_P) - ends_E[-1]
+  return out_MD.reshape(B, T, D), dropped.astype(jnp.float32)
 
 
 def _capacity_experts(cfg: ModelConfig, C: int, x_BTD, experts_BTR, weights_BTR, slots_BTR, *args):
-  """Sum of this chip's experts' outputs per token: one-hot dispatch into C slots per row."""
+  """This chip's experts' outputs per token (one-hot dispatch into C slots per row), and 0."""
   *experts, first = args
   e = experts[0].shape[0]
   local_BTR = experts_BTR - first
@@ -181,4 +197,5 @@ def _capacity_experts(cfg: ModelConfig, C: int, x_BTD, experts_BTR, weights_BTR,
     return layers.matmul(cfg, 'EBCF,EFG->EBCG', x_EBCF, w_EFG)
 
   y_EBCD = _expert_mlp(cfg, dot, x_EBCD, experts)
-  return layers.matmul(cfg, 'EBCD,BTEC->BTD', y_EBCD, combine_BTEC)
+  out_BTD = layers.matmul(cfg, 'EBCD,BTEC->BTD', y_EBCD, combine_BTEC)
+  return out_BTD, jnp.zeros((), jnp.float32)  # Its drops are counted from the slots.

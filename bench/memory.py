@@ -53,9 +53,9 @@ def measure(dtype: str, batch: int, seq_len: int) -> dict:
   """Runs in the worker process: peak RSS of building the state and three steps."""
   sys.path.insert(0, ROOT)
   import jax
-  import numpy as np
   import psutil
 
+  from bench.common import random_batch
   from experiments import presets
   from llm import config as config_lib
   from llm import model as model_lib
@@ -69,15 +69,7 @@ def measure(dtype: str, batch: int, seq_len: int) -> dict:
   c.batch_size, c.seq_len, c.total_steps = batch, seq_len, 100
   c.mesh.data = 1
   trainer = train.Trainer.create(c, jax.devices()[:1])
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, c.model.vocab_size, (batch, seq_len + 1), dtype=np.int32)
-  host_batch = {
-    'inputs': tokens[:, :-1],
-    'targets': tokens[:, 1:],
-    'segment_ids': np.ones((batch, seq_len), np.int32),
-    'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-    'loss_mask': np.ones((batch, seq_len), np.float32),
-  }
+  host_batch = random_batch(c.model.vocab_size, batch, seq_len)
   with sharding.rules_context(trainer.mesh):
     gb = sharding.global_batch(host_batch, trainer.mesh)
     compiled = trainer.step_fn.lower(trainer.abstract_state(), gb).compile()

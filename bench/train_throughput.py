@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from bench.common import alternate, random_batch  # noqa: E402
 from experiments import presets  # noqa: E402
 from llm import config as config_lib
 from llm import metrics, train  # noqa: E402
@@ -64,20 +63,6 @@ def roofline(dtype: str, n: int = 2048) -> float:
   return metrics.measure_matmul_flops(dtype, n=n, repeats=10)
 
 
-def _timed(steps: dict, n_warmup=2, n=6) -> dict:
-  """Median seconds per call of each step function, calling them in turn."""
-  for _ in range(n_warmup):
-    for step in steps.values():
-      step()
-  times = {name: [] for name in steps}
-  for _ in range(n):
-    for name, step in steps.items():
-      t = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - t)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def ours(size: str, dtype: str, scan_layers: bool):
   """A function that runs one step of llm.train's jitted step on one device."""
   B, T = BATCH[size]
@@ -87,15 +72,7 @@ def ours(size: str, dtype: str, scan_layers: bool):
   c.mesh.data = 1
   trainer = train.Trainer.create(c, jax.devices()[:1])
   state = [trainer.init_state()]
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, c.model.vocab_size, (B, T + 1), dtype=np.int32)
-  batch = {
-    'inputs': tokens[:, :-1],
-    'targets': tokens[:, 1:],
-    'segment_ids': np.ones((B, T), np.int32),
-    'positions': np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-    'loss_mask': np.ones((B, T), np.float32),
-  }
+  batch = random_batch(c.model.vocab_size, B, T)
 
   def step():
     state[0], m = trainer.step(state[0], batch)
@@ -154,7 +131,7 @@ def main():
     for dtype in args.dtypes.split(','):
       scan = args.scan_layers == 'on' or (args.scan_layers == 'auto' and dtype == 'float32')
       steps = {'ours': ours(size, dtype, scan), 'hf': hugging_face(size, dtype)}
-      timed = _timed(steps, n=args.steps)
+      timed = alternate(steps, n=args.steps)
       del steps
       t_ours, t_hf = timed['ours'], timed['hf']
       row = {
